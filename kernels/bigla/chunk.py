@@ -102,6 +102,22 @@ def _scan_step(h, x_ptr, x_base, x_stride, g_ptr, g_base, g_stride, y_ptr, y_bas
 
 
 @triton.jit
+def _keys_to_edges(k_c, gf_c, gb_c, before, after):
+    """Keys of a chunk decayed to the edges of one of its sub-chunks: rows before it forward to its first
+    token, exp(sum_{s < r < i0} g_fwd), rows after it backward to its last, exp(sum_{i1 < r < s} g_bwd).
+
+    The decays are sums over just the tokens in between (not differences of chunk-wide cumulative sums,
+    whose rounding grows with everything before), so they keep fp32 accuracy under any gates. Exponents
+    are <= 0 where selected; the minimum keeps the rows not selected finite.
+    """
+    e_f = tl.cumsum(tl.where(before, gf_c, 0.0), 0, reverse=True) - gf_c
+    e_b = tl.cumsum(tl.where(after, gb_c, 0.0), 0) - gb_c
+    kf = tl.where(before, k_c * tl.exp(tl.minimum(e_f, 0.0)), 0.0)
+    kb = tl.where(after, k_c * tl.exp(tl.minimum(e_b, 0.0)), 0.0)
+    return kf, kb
+
+
+@triton.jit
 def _diag_matmul_ok(gf_i, gb_i, LIMIT: tl.constexpr):
     return (tl.min(tl.sum(gf_i, 0), 0) >= -LIMIT) & (tl.min(tl.sum(gb_i, 0), 0) >= -LIMIT)
 
@@ -110,6 +126,15 @@ def _diag_matmul_ok(gf_i, gb_i, LIMIT: tl.constexpr):
 def _row(x, o_r, r):
     """Row r of a [BC, N] register tile (r may be a run-time value)."""
     return tl.sum(tl.where((o_r == r)[:, None], x, 0.0), 0)
+
+
+@triton.jit
+def _decay_to_column(gf_i, gb_i, o_r, s):
+    """[BC, K] decays between every row t of a sub-chunk and its row s: exp(sum_{s < r <= t} g_fwd) for
+    t >= s, exp(sum_{t <= r < s} g_bwd) for t <= s; sums over just the tokens in between, all <= 0."""
+    e_f = tl.cumsum(tl.where((o_r > s)[:, None], gf_i, 0.0), 0)
+    e_b = tl.cumsum(tl.where((o_r < s)[:, None], gb_i, 0.0), 0, reverse=True)
+    return tl.exp(tl.where((o_r >= s)[:, None], e_f, e_b))
 
 
 @triton.jit
@@ -133,9 +158,8 @@ def _diag_scores(q_i, k_i, gf_i, gb_i, Fl, Bl, BC: tl.constexpr, LIMIT: tl.const
     else:
         D = tl.zeros([BC, BC], tl.float32)
         for s in range(BC):
-            # Each branch's exponent is <= 0 where it is selected: no overflow before the mask.
-            x = tl.where((o_r >= s)[:, None], Fl - _row(Fl, o_r, s)[None, :], Bl - _row(Bl, o_r, s)[None, :])
-            col = tl.sum(q_i * _row(k_i, o_r, s)[None, :] * tl.exp(x), 1)
+            decay = _decay_to_column(gf_i, gb_i, o_r, s)
+            col = tl.sum(q_i * _row(k_i, o_r, s)[None, :] * decay, 1)
             D = tl.where((o_r == s)[None, :] & (o_r != s)[:, None], col[:, None], D)
     return D
 
@@ -179,8 +203,7 @@ def _diag_grads(q_i, k_i, do_i, v_i, gf_i, gb_i, Fl, Bl, BC: tl.constexpr, BK: t
             low = (o_r > s)[:, None]
             up = (o_r < s)[:, None]
             k_s = _row(k_i, o_r, s)
-            decay = tl.exp(tl.where((o_r >= s)[:, None], Fl - _row(Fl, o_r, s)[None, :],
-                                    Bl - _row(Bl, o_r, s)[None, :]))
+            decay = _decay_to_column(gf_i, gb_i, o_r, s)
             p = q_i * decay * k_s[None, :]
             D = tl.where((o_r == s)[None, :], tl.sum(tl.where(low | up, p, 0.0), 1)[:, None], D)
             w = tl.sum(tl.where((o_r == s)[None, :], dD, 0.0), 1)[:, None] * decay
@@ -242,8 +265,6 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
     o_c = tl.arange(0, BT)
     gf_c = _load_rows(gf, bgf, c0, T, gf_st, o_k, m_k, BT)
     gb_c = _load_rows(gb, bgb, c0, T, gb_st, o_k, m_k, BT)
-    Fc = tl.cumsum(gf_c, 0)  # sum of g_fwd from the chunk's first token to t
-    Bc = tl.cumsum(gb_c, 0, reverse=True)  # sum of g_bwd from t to the chunk's last token
     k_c = _load_rows(k, bk, c0, T, k_st, o_k, m_k, BT)
     v_c = _load_rows(v, bv, c0, T, v_st, o_v, m_v, BT)
     for i in range(0, BT // BC):
@@ -262,10 +283,8 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
         # Other chunks, through the states.
         b_o = _mm(q_i * tl.exp(Fl + F_before[None, :]), hf, PRECISION)
         b_o += _mm(q_i * tl.exp(Bl + B_after[None, :]), hb, PRECISION)
-        # Other sub-chunks of this chunk: keys decayed to the near edge of sub-chunk i (exponents <= 0
-        # where selected; the minimum only keeps the unselected ones finite).
-        kf = tl.where(before, k_c * tl.exp(tl.minimum(F_before[None, :] - Fc, 0.0)), 0.0)
-        kb = tl.where(after, k_c * tl.exp(tl.minimum(B_after[None, :] - Bc, 0.0)), 0.0)
+        # Other sub-chunks of this chunk: keys decayed to the near edge of sub-chunk i.
+        kf, kb = _keys_to_edges(k_c, gf_c, gb_c, before, after)
         A = _mm(q_i * tl.exp(Fl), tl.trans(kf), PRECISION)
         A += _mm(q_i * tl.exp(Bl), tl.trans(kb), PRECISION)
         b_o += _mm(A, v_c, PRECISION)
@@ -389,8 +408,6 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_st
     o_c = tl.arange(0, BT)
     gf_c = _load_rows(gf, bgf, c0, T, gf_st, o_k, m_k, BT)
     gb_c = _load_rows(gb, bgb, c0, T, gb_st, o_k, m_k, BT)
-    Fc = tl.cumsum(gf_c, 0)
-    Bc = tl.cumsum(gb_c, 0, reverse=True)
     tot_f = tl.sum(gf_c, 0)
     tot_b = tl.sum(gb_c, 0)
     q_c = _load_rows(q, bq, c0, T, q_st, o_k, m_k, BT)
@@ -400,8 +417,9 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_st
 
     # Gate-gradient pairs that straddle the chunk's right edge: sum over v of (gradient state * state) there.
     S_end = hf * tl.exp(tot_f)[:, None]
-    S_end += _mm(tl.trans(k_c * tl.exp(tot_f[None, :] - Fc)), v_c, PRECISION)
-    dR_end = dhb * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_c * tl.exp(Bc)), do_c, PRECISION)
+    S_end += _mm(tl.trans(k_c * tl.exp(tl.cumsum(gf_c, 0, reverse=True) - gf_c)), v_c, PRECISION)
+    dR_end = dhb * tl.exp(tot_b)[:, None]
+    dR_end += _mm(tl.trans(q_c * tl.exp(tl.cumsum(gb_c, 0, reverse=True))), do_c, PRECISION)
     run_f = tl.sum(dhf * S_end, 1)  # sum over tokens right of the current sub-chunk of (q dq_f - k dk_f)
     cross_b = tl.sum(dR_end * hb, 1)
     run_b = tl.zeros([BK], tl.float32)  # the same for (q dq_b - k dk_b), within this chunk
@@ -439,16 +457,14 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_st
 
         # Sub-chunk i as queries against the chunk's other keys (decayed to sub-chunk i's near edge).
         dA = _mm(do_i, tl.trans(v_c), PRECISION)  # [BC, BT]
-        kf = tl.where(before, k_c * tl.exp(tl.minimum(F_before[None, :] - Fc, 0.0)), 0.0)
-        kb = tl.where(after, k_c * tl.exp(tl.minimum(B_after[None, :] - Bc, 0.0)), 0.0)
+        kf, kb = _keys_to_edges(k_c, gf_c, gb_c, before, after)
         dqf += _mm(dA, kf, PRECISION) * tl.exp(Fl)
         dqb += _mm(dA, kb, PRECISION) * tl.exp(Bl)
 
-        # Sub-chunk i as keys/values against the chunk's other queries (decayed to its near edge).
-        F_last = F_before + tl.sum(gf_i, 0)  # Fc at sub-chunk i's last token
-        B_first = B_after + tl.sum(gb_i, 0)  # Bc at sub-chunk i's first token
-        qf = tl.where(after, q_c * tl.exp(tl.minimum(Fc - F_last[None, :], 0.0)), 0.0)
-        qb = tl.where(before, q_c * tl.exp(tl.minimum(Bc - B_first[None, :], 0.0)), 0.0)
+        # Sub-chunk i as keys/values against the chunk's other queries, decayed to its near edge:
+        # exp(sum_{i1 < r <= t} g_fwd) after it, exp(sum_{t <= r < i0} g_bwd) before it.
+        qf = tl.where(after, q_c * tl.exp(tl.cumsum(tl.where(after, gf_c, 0.0), 0)), 0.0)
+        qb = tl.where(before, q_c * tl.exp(tl.cumsum(tl.where(before, gb_c, 0.0), 0, reverse=True)), 0.0)
         el_f = tl.exp(Fl_after)
         el_b = tl.exp(Bl_before)
         A = _mm(qf, tl.trans(k_i * el_f), PRECISION)  # [BT, BC]

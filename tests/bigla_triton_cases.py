@@ -1,0 +1,170 @@
+"""Cases for the Triton BiGLA kernels, checked against the naive recurrence (output and all five gradients).
+
+Used by tests/test_bigla_triton.py: in-process on a CUDA GPU (compiled Triton), and on CPU as a script in
+subprocesses with TRITON_INTERPRET=1 (the interpreter must be switched on before Triton kernels are
+defined, so those checks cannot run in the pytest process itself):
+
+    TRITON_INTERPRET=1 python tests/bigla_triton_cases.py --out results.json CASE [CASE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.bigla import naive_recurrent_bigla  # noqa: E402
+
+GRAD_NAMES = ("dq", "dk", "dv", "dg_fwd", "dg_bwd")
+# Relative RMS error bound per input dtype; fp32 runs tf32x3 matmuls on the GPU (fp32-accurate).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+ABS_FLOOR = 1e-6  # for gradients that are (nearly) zero, e.g. gate gradients at T = 1 or under steep gates
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: torch.dtype
+    gates: str  # "vig": logsigmoid(z)/16; "flat": log-gates near 0; "steep": near -inf; "mixed": steep, then flat
+    strided: bool = False  # q, k, v, gates as slices of one fused projection (non-contiguous)
+    cost: float = 1.0  # seconds under the interpreter, roughly; balances the subprocesses
+
+
+# T in {1, 15, 64, 100, 196, 300}; K, V not only powers of two; several value blocks (V = 160);
+# states recomputed in the chunk programs (T <= 256) and read from the state scan (T = 300).
+CASES = {
+    "t1_fp32": Case(1, 1, 1, 16, 32, torch.float32, "vig", cost=0.5),
+    "t15_bf16_k20_v40": Case(2, 15, 1, 20, 40, torch.bfloat16, "vig", cost=1.0),
+    "t64_fp16_k24_v48_steep": Case(1, 64, 2, 24, 48, torch.float16, "steep", cost=3.0),
+    "t64_bf16_strided": Case(1, 64, 2, 16, 32, torch.bfloat16, "vig", strided=True, cost=1.5),
+    "t100_fp32_flat": Case(1, 100, 1, 16, 32, torch.float32, "flat", cost=2.0),
+    "t100_fp32_k48_v160": Case(1, 100, 1, 48, 160, torch.float32, "vig", cost=4.0),
+    "t196_bf16_vig_shape": Case(1, 196, 2, 32, 64, torch.bfloat16, "vig", cost=6.5),
+    "t300_fp32_mixed": Case(1, 300, 1, 16, 32, torch.float32, "mixed", cost=9.0),
+}
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """q, k, v, g_fwd, g_bwd (leaf tensors requiring grad, in the case's dtype) and an output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+
+    def gates() -> torch.Tensor:
+        z = torch.randn(B, T, H, K, generator=gen)
+        if case.gates == "vig":
+            return F.logsigmoid(z) / 16
+        if case.gates == "flat":
+            return F.logsigmoid(z + 12.0) / 16  # about -4e-7: decay ~1, memory spans the whole sequence
+        steep = F.logsigmoid(z - 4.0) * 12.0  # about -50 per token: everything beyond a neighbour vanishes
+        if case.gates == "steep":
+            return steep
+        return torch.where(torch.arange(T)[None, :, None, None] < T // 2, steep, F.logsigmoid(z) / 16)
+
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g_fwd, g_bwd = gates(), gates()
+    do = torch.randn(B, T, H, V, generator=gen).to(device=device, dtype=case.dtype)
+    tensors = [q, k, v, g_fwd, g_bwd]
+    if not case.strided:
+        return [x.to(device=device, dtype=case.dtype).requires_grad_() for x in tensors], do
+    # One [B, T, H * (4K + V)] buffer sliced like a fused projection's output: non-contiguous views.
+    fused = torch.cat([x.reshape(B, T, -1) for x in tensors], dim=-1).to(device=device, dtype=case.dtype)
+    views = torch.split(fused.requires_grad_(), [H * x.shape[-1] for x in tensors], dim=-1)
+    return [view.unflatten(-1, (H, x.shape[-1])) for view, x in zip(views, tensors)], do
+
+
+def _gradients(outputs: torch.Tensor, inputs: list[torch.Tensor], do: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(outputs, inputs, do))
+
+
+def relative_errors(case: Case, device: str) -> dict[str, float]:
+    """Error of o and of each gradient, as ||ours - naive|| / (||naive|| + ABS_FLOOR / tol) in RMS terms."""
+    inputs, do = make_inputs(case, device)
+    o = torch.ops.vig_kernels.bigla(*inputs, case.K**-0.5)
+    ours = [o, *_gradients(o, inputs, do)]
+    ref_out = naive_recurrent_bigla(*inputs)
+    refs = [ref_out, *_gradients(ref_out, inputs, do)]
+    tol = TOLERANCE[case.dtype]
+    errors = {}
+    for name, a, b in zip(("o", *GRAD_NAMES), ours, refs):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise AssertionError(f"{name}: got {a.dtype} {tuple(a.shape)}, expected {b.dtype} {tuple(b.shape)}")
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"{name} has non-finite values")
+        err = (a.float() - b.float()).pow(2).mean().sqrt().item()
+        base = b.float().pow(2).mean().sqrt().item()
+        errors[name] = err / (base + ABS_FLOOR / tol)
+    return errors
+
+
+def check_opcheck(device: str) -> None:
+    """torch.library.opcheck: fake impl, autograd registration, AOT dispatch all agree with the kernels."""
+    case = Case(1, 8, 1, 16, 32, torch.float32, "vig")
+    inputs, _ = make_inputs(case, device)
+    torch.library.opcheck(torch.ops.vig_kernels.bigla.default, (*inputs, 0.25))
+
+
+def check_compile(device: str) -> float:
+    """A function around the op compiles as one graph; forward and gradients equal eager. Returns the error."""
+    case = Case(1, 20, 2, 16, 32, torch.float32, "vig")
+    inputs, do = make_inputs(case, device)
+
+    def block(q, k, v, g_fwd, g_bwd):
+        return torch.ops.vig_kernels.bigla(q * 2.0, k, v.relu(), g_fwd, g_bwd, 0.25).tanh()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"  # no C++ toolchain needed on CPU
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    eager = [block(*inputs), *_gradients(block(*inputs), inputs, do)]
+    out = compiled(*inputs)
+    got = [out, *_gradients(out, inputs, do)]
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got, eager))
+
+
+def run(names: list[str], device: str) -> dict[str, dict]:
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            if name == "opcheck":
+                check_opcheck(device)
+                results[name] = {"errors": {}}
+            elif name == "compile":
+                results[name] = {"errors": {"max": check_compile(device)}, "tolerance": 1e-5}
+            else:
+                case = CASES[name]
+                results[name] = {"errors": relative_errors(case, device), "tolerance": TOLERANCE[case.dtype]}
+        except Exception:  # reported per case by the pytest driver
+            results[name] = {"failure": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - start
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
+    parser.add_argument("names", nargs="+", help=f"case names: {', '.join(CASES)}, opcheck, compile")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = run(args.names, "cpu")
+    directory = os.path.dirname(os.path.abspath(args.out))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        json.dump(results, f)
+    os.replace(f.name, args.out)
+
+
+if __name__ == "__main__":
+    main()

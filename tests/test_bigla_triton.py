@@ -1,0 +1,110 @@
+"""Triton BiGLA kernels against the naive recurrence: output and all five gradients.
+
+On a CUDA GPU the cases run in this process on compiled Triton. Without one they run under Triton's
+interpreter, which must be switched on (TRITON_INTERPRET=1) before any kernel is defined, so they run in
+two concurrent subprocesses (tests/bigla_triton_cases.py) and each case reports here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import bigla_triton_cases as cases
+from kernels.bigla import bigla, chunked_bigla
+
+ON_GPU = torch.cuda.is_available()
+CHECKS = [*cases.CASES, "opcheck", "compile"]
+CHECK_COST = {**{name: case.cost for name, case in cases.CASES.items()}, "opcheck": 3.0, "compile": 2.0}
+INTERPRETER_WORKERS = 2
+INTERPRETER_TIMEOUT_S = 600
+
+
+def _split_by_cost(names: list[str], workers: int) -> list[list[str]]:
+    groups: list[list[str]] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for name in sorted(names, key=CHECK_COST.__getitem__, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += CHECK_COST[name]
+    return [g for g in groups if g]
+
+
+@pytest.fixture(scope="module")
+def interpreted_results(tmp_path_factory) -> dict[str, dict]:
+    """Every check run once under the Triton interpreter, the work shared by concurrent subprocesses."""
+    if ON_GPU:
+        return {}
+    out_dir = tmp_path_factory.mktemp("bigla_interpreter")
+    script = os.path.join(os.path.dirname(__file__), "bigla_triton_cases.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    jobs = []
+    for i, group in enumerate(_split_by_cost(CHECKS, INTERPRETER_WORKERS)):
+        out = out_dir / f"worker{i}.json"
+        cmd = [sys.executable, script, "--out", str(out), *group]
+        jobs.append((out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    results: dict[str, dict] = {}
+    for out, proc in jobs:
+        log, _ = proc.communicate(timeout=INTERPRETER_TIMEOUT_S)
+        if proc.returncode != 0:
+            pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{log}")
+        results.update(json.loads(out.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_triton_matches_naive_recurrence(check: str, interpreted_results: dict[str, dict]) -> None:
+    result = cases.run([check], "cuda")[check] if ON_GPU else interpreted_results[check]
+    assert "failure" not in result, result.get("failure")
+    tolerance = result.get("tolerance")
+    too_large = {name: err for name, err in result["errors"].items() if not err <= tolerance}
+    assert not too_large, f"{check}: relative errors {too_large} exceed {tolerance} (all: {result['errors']})"
+
+
+def _inputs(device: str, dtype: torch.dtype = torch.float32, T: int = 37) -> list[torch.Tensor]:
+    case = cases.Case(2, T, 3, 32, 64, dtype, "vig")
+    return cases.make_inputs(case, device)[0]
+
+
+def test_cpu_dispatch_is_the_pytorch_implementation() -> None:
+    inputs = [x.detach() for x in _inputs("cpu")]
+    torch.testing.assert_close(bigla(*inputs), chunked_bigla(*inputs), rtol=0, atol=0)
+
+
+def test_autocast_casts_q_k_v_and_keeps_gates() -> None:
+    q, k, v, g_fwd, g_bwd = (x.detach() for x in _inputs("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = bigla(q, k, v, g_fwd, g_bwd)
+    assert o.dtype == torch.bfloat16
+    expected = chunked_bigla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g_fwd, g_bwd)
+    torch.testing.assert_close(o, expected, rtol=0, atol=0)
+
+
+def test_bad_inputs_are_named() -> None:
+    q, k, v, g_fwd, g_bwd = (x.detach() for x in _inputs("cpu"))
+    with pytest.raises(ValueError, match="g_bwd has shape"):
+        bigla(q, k, v, g_fwd, g_bwd[:, :-1])
+    with pytest.raises(ValueError, match="v has shape"):
+        bigla(q, k, v[:, :-1], g_fwd, g_bwd)
+    with pytest.raises(TypeError, match="k has dtype"):
+        bigla(q, k.long(), v, g_fwd, g_bwd)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dispatch_runs_triton_under_autocast(dtype: torch.dtype) -> None:
+    inputs = _inputs("cuda", torch.float32, T=196)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the Triton path runs
+        o = bigla(*inputs)
+    assert o.dtype == dtype
+    expected = cases.naive_recurrent_bigla(*[x.to(dtype) for x in inputs[:3]], *inputs[3:])
+    err = (o.float() - expected.float()).norm() / expected.float().norm()
+    assert err <= cases.TOLERANCE[dtype], err
+    o.float().square().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
