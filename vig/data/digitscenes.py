@@ -29,6 +29,7 @@ from PIL import Image
 from vig.data.atomic import atomic_path
 
 CLASS_NAMES = tuple(f"digit_{digit}" for digit in range(10))
+SKLEARN_DIGITS = 1797
 BACKGROUND_NAME = "background"
 # COCO category ids and ADE20K label ids are class index + 1: COCO ids start at 1, ADE20K's 0 is background.
 LABEL_OFFSET = 1
@@ -47,6 +48,7 @@ class DigitScenesSpec:
     """What to generate; built from params.yaml's `data` section by `from_params`."""
 
     seed: int = 0
+    digits: int = 1797  # how many of scikit-learn's digits to use (a stratified subset when fewer)
     val_fraction: float = 0.2
     image_size: int = 32
     scene_size: int = 128
@@ -79,6 +81,11 @@ class DigitScenesSpec:
         problems = []
         if not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        else:
+            val = round(self.digits * self.val_fraction)
+            if self.digits > SKLEARN_DIGITS or min(val, self.digits - val) < len(CLASS_NAMES):
+                problems.append(f"digits must be at most {SKLEARN_DIGITS} and leave one digit per class in train and "
+                                f"in val, got {self.digits} with val_fraction {self.val_fraction}")
         low, high = self.digits_per_scene
         if not 1 <= low <= high:
             problems.append(f"digits_per_scene must be [min, max] with 1 <= min <= max, got {self.digits_per_scene}")
@@ -112,15 +119,17 @@ class Scene:
     inks: tuple[tuple[int, int, int], ...]  # RGB ink of each instance (every mask pixel has exactly this colour)
 
 
-def load_digits(seed: int, val_fraction: float) -> Digits:
+def load_digits(spec: DigitScenesSpec) -> Digits:
+    """scikit-learn's digits, `spec.digits` of them (a stratified subset), split train/val stratified by class."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
     labels = bunch.target.astype(np.int64)
-    train, val = train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
-    )
+    used = np.arange(len(labels))
+    if spec.digits < len(labels):
+        used, _ = train_test_split(used, train_size=spec.digits, stratify=labels, random_state=spec.seed)
+    train, val = train_test_split(used, test_size=spec.val_fraction, stratify=labels[used], random_state=spec.seed)
     images = (bunch.images / 16.0).astype(np.float32)
     return Digits(images, labels, {"train": np.sort(train), "val": np.sort(val)})
 
@@ -303,7 +312,7 @@ _WRITERS = {"imagenet": write_classification, "coco": write_coco, "ade20k": writ
 
 def generate(out_dir: Path, spec: DigitScenesSpec, datasets: Iterable[str] = tuple(EMBEDDED_ROOTS)) -> dict[str, Any]:
     """Write the requested DigitScenes datasets under `out_dir` (replacing it atomically); returns counts."""
-    digits = load_digits(spec.seed, spec.val_fraction)
+    digits = load_digits(spec)
     counts = {}
     with atomic_path(out_dir) as staging:
         for dataset in datasets:
