@@ -1,4 +1,5 @@
-"""Kernels for ViG: the BiGLA operator (Triton on CUDA, PyTorch elsewhere)."""
+"""Kernels for ViG: the BiGLA operator and the token mixer's fused epilogue (Triton on CUDA, PyTorch elsewhere)."""
 from kernels.bigla import bigla
+from kernels.norm_mix import norm_mix
 
-__all__ = ["bigla"]
+__all__ = ["bigla", "norm_mix"]

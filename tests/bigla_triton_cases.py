@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.bigla import naive_recurrent_bigla  # noqa: E402
+from kernels.norm_mix import norm_mix_reference  # noqa: E402
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg_fwd", "dg_bwd")
 # Relative RMS error bound per input dtype; fp32 runs tf32x3 matmuls on the GPU (fp32-accurate).
@@ -56,6 +57,10 @@ CASES = {
     "t196_bf16_vig_shape": Case(1, 196, 2, 32, 64, torch.bfloat16, "vig", cost=6.5),
     "t300_fp32_mixed": Case(1, 300, 1, 16, 32, torch.float32, "mixed", cost=9.0),
 }
+
+
+# Checks beyond the BiGLA cases: the custom op's registration, torch.compile, and the fused epilogue.
+EXTRA_CHECKS = ("opcheck", "compile", "norm_mix_fp32", "norm_mix_swish_bf16")
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -134,6 +139,28 @@ def check_compile(device: str) -> float:
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got, eager))
 
 
+def check_norm_mix(device: str, dtype: torch.dtype, swish: bool) -> dict[str, float]:
+    """The fused epilogue op against its PyTorch composition: output and the five gradients."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 7, 3, 48)  # a head width that is not a power of two; local as a transposed (strided) view
+    o, gate = (torch.randn(shape, generator=gen) for _ in range(2))
+    local = torch.randn(shape[0], shape[2] * shape[3], shape[1], generator=gen).transpose(1, 2).unflatten(-1, shape[2:])
+    weights = [1 + 0.1 * torch.randn(shape[-1], generator=gen) for _ in range(2)]
+    dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    inputs = [x.to(device=device, dtype=dtype).requires_grad_() for x in (o, local, gate)]
+    inputs += [w.to(device).requires_grad_() for w in weights]
+    tol = TOLERANCE[dtype]
+    errors = {}
+    y = torch.ops.vig_kernels.norm_mix(*inputs, 1e-6, swish)
+    ref = norm_mix_reference(*inputs, 1e-6, swish)
+    outs = [y, *_gradients(y, inputs, dy)]
+    refs = [ref, *_gradients(ref, inputs, dy)]
+    for name, a, b in zip(("y", "do", "dlocal", "dgate", "do_weight", "dlocal_weight"), outs, refs):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}"
+        errors[name] = ((a.float() - b.float()).norm() / (b.float().norm() + ABS_FLOOR / tol)).item()
+    return errors
+
+
 def run(names: list[str], device: str) -> dict[str, dict]:
     results = {}
     for name in names:
@@ -142,6 +169,10 @@ def run(names: list[str], device: str) -> dict[str, dict]:
             if name == "opcheck":
                 check_opcheck(device)
                 results[name] = {"errors": {}}
+            elif name.startswith("norm_mix"):
+                dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+                errors = check_norm_mix(device, dtype, swish="swish" in name)
+                results[name] = {"errors": errors, "tolerance": TOLERANCE[dtype]}
             elif name == "compile":
                 results[name] = {"errors": {"max": check_compile(device)}, "tolerance": 1e-5}
             else:
@@ -156,7 +187,7 @@ def run(names: list[str], device: str) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
-    parser.add_argument("names", nargs="+", help=f"case names: {', '.join(CASES)}, opcheck, compile")
+    parser.add_argument("names", nargs="+", help=f"case names: {', '.join(CASES)}, {', '.join(EXTRA_CHECKS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = run(args.names, "cpu")

@@ -17,10 +17,12 @@ import torch
 
 import bigla_triton_cases as cases
 from kernels.bigla import bigla, chunked_bigla
+from kernels.norm_mix import norm_mix, norm_mix_reference
 
 ON_GPU = torch.cuda.is_available()
-CHECKS = [*cases.CASES, "opcheck", "compile"]
-CHECK_COST = {**{name: case.cost for name, case in cases.CASES.items()}, "opcheck": 3.0, "compile": 2.0}
+CHECKS = [*cases.CASES, *cases.EXTRA_CHECKS]
+CHECK_COST = {**{name: case.cost for name, case in cases.CASES.items()}, "opcheck": 3.0, "compile": 2.0,
+              "norm_mix_fp32": 0.5, "norm_mix_swish_bf16": 0.5}
 INTERPRETER_WORKERS = 2
 INTERPRETER_TIMEOUT_S = 600
 
@@ -100,7 +102,7 @@ def test_bad_inputs_are_named() -> None:
 def test_cuda_dispatch_runs_triton_under_autocast(dtype: torch.dtype) -> None:
     inputs = _inputs("cuda", torch.float32, T=196)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32), warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning: the Triton path runs
+        warnings.filterwarnings("error", message="bigla:")  # no fallback warning: the Triton path runs
         o = bigla(*inputs)
     assert o.dtype == dtype
     expected = cases.naive_recurrent_bigla(*[x.to(dtype) for x in inputs[:3]], *inputs[3:])
@@ -108,3 +110,13 @@ def test_cuda_dispatch_runs_triton_under_autocast(dtype: torch.dtype) -> None:
     assert err <= cases.TOLERANCE[dtype], err
     o.float().square().sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
+
+
+def test_norm_mix_checks_shapes() -> None:
+    x = torch.randn(2, 5, 3, 8)
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="must have one shape"):
+        norm_mix(x, x[:, :4], x, w, w)
+    with pytest.raises(ValueError, match="local_weight has shape"):
+        norm_mix(x, x, x, w, torch.ones(4))
+    torch.testing.assert_close(norm_mix(x, x, x, w, w, swish=True), norm_mix_reference(x, x, x, w, w, swish=True))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.triton_utils import INTERPRET, output_buffer
 
 CHUNK = 64  # BT: tokens per chunk
 SUB_CHUNK = 16  # BC: tokens per sub-chunk (the smallest tile tl.dot accepts)
@@ -509,12 +509,6 @@ def _head_strided(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # The interpreter truncates fp32 -> 16-bit casts where the GPU rounds to nearest; under it, kernels
-    # write fp32 and torch rounds.
-    return torch.empty(shape, dtype=torch.float32 if INTERPRET else dtype, device=device)
-
-
 def _kernel_args(q, k, v, g_fwd, g_bwd):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -533,7 +527,7 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     """
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
     B, T, H, K, V, NV, NT, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
-    o = _output((B, T, H, V), q.dtype, q.device)
+    o = output_buffer((B, T, H, V), q.dtype, q.device)
     states_in_memory = NT > MAX_RECOMPUTED_CHUNKS
     if states_in_memory:
         hf, hb = (torch.empty(B * H, NT, K, V, dtype=torch.float32, device=q.device) for _ in range(2))
@@ -553,9 +547,9 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
     do = do.to(q.dtype).contiguous()
     B, T, H, K, V, NV, NT, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
-    dv = _output((B, T, H, V), v.dtype, q.device)
+    dv = output_buffer((B, T, H, V), v.dtype, q.device)
     if NV == 1:
-        dq, dk, dgf, dgb = (_output((B, T, H, K), x.dtype, q.device) for x in (q, k, g_fwd, g_bwd))
+        dq, dk, dgf, dgb = (output_buffer((B, T, H, K), x.dtype, q.device) for x in (q, k, g_fwd, g_bwd))
     else:  # partial sums over value blocks
         dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(4))
     states_in_memory = NT > MAX_RECOMPUTED_CHUNKS

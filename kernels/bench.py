@@ -1,0 +1,186 @@
+"""Benchmark of the BiGLA operator on an NVIDIA GPU, with flash-linear-attention's GLA kernels as baselines.
+
+    python -m kernels.bench --out bench.json
+
+For each (B, T) in (256, 196), (64, 1024), (16, 4096), each ViG head shape (T/S/B: H = 3/6/12 heads,
+K = 32, V = 64 per head) and fp32 / bf16, it times (median ms per call, triton.testing.do_bench) the
+forward alone and forward + backward of
+- ours: kernels.bigla (Triton, both directions in one op);
+- fla chunk_gla on stacked directions: q/k/v and their flipped copies as a 2B batch, as the released ViG
+  code does (the concatenations and flips are part of the call);
+- fla fused_recurrent_gla, once forward and once reverse.
+Beside them it prints our speed-up and the memory-traffic floor: the bytes the operator must move (each
+input read once, each output written once) over the device-to-device copy bandwidth measured here.
+Outputs of ours and of fla's chunk kernel are compared, as a sanity check of equal semantics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.bigla import bigla
+from kernels.norm_mix import norm_mix, norm_mix_reference
+
+SHAPES = ((256, 196), (64, 1024), (16, 4096))
+MODEL_HEADS = {"ViG-T": 3, "ViG-S": 6, "ViG-B": 12}
+KEY_DIM, VALUE_DIM = 32, 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    B: int
+    T: int
+    model: str
+    H: int
+    dtype: str
+    ours_fwd_ms: float
+    ours_fwdbwd_ms: float
+    fla_chunk_fwd_ms: float
+    fla_chunk_fwdbwd_ms: float
+    fla_recurrent_fwd_ms: float | None
+    fla_recurrent_fwdbwd_ms: float | None
+    floor_fwd_ms: float
+    floor_fwdbwd_ms: float
+    rel_diff_vs_fla_chunk: float
+
+
+def _time_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(2**28, dtype=torch.float32, device=device).uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (_time_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def fla_chunk_stacked(q, k, v, g_fwd, g_bwd):
+    """The released ViG training path: both directions as one causal GLA over a 2B batch of flipped copies."""
+    from fla.ops.gla import chunk_gla
+
+    o, _ = chunk_gla(torch.cat([q, q.flip(1)]), torch.cat([k, k.flip(1)]), torch.cat([v, v.flip(1)]),
+                     torch.cat([g_fwd, g_bwd.flip(1)]), scale=q.shape[-1] ** -0.5)
+    o_fwd, o_bwd = o.chunk(2)
+    return (o_fwd + o_bwd.flip(1)) / 2
+
+
+def fla_recurrent(q, k, v, g_fwd, g_bwd):
+    from fla.ops.gla import fused_recurrent_gla
+
+    o_fwd, _ = fused_recurrent_gla(q, k, v, g_fwd, scale=q.shape[-1] ** -0.5)
+    o_bwd, _ = fused_recurrent_gla(q, k, v, g_bwd, scale=q.shape[-1] ** -0.5, reverse=True)
+    return (o_fwd + o_bwd) / 2
+
+
+def _inputs(B: int, T: int, H: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    q, k = (torch.randn(B, T, H, KEY_DIM, device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, VALUE_DIM, device=device, dtype=dtype)
+    g_fwd, g_bwd = (F.logsigmoid(torch.randn(B, T, H, KEY_DIM, device=device)).div(16).to(dtype) for _ in range(2))
+    return [q, k, v, g_fwd, g_bwd]
+
+
+def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        fwd = _time_ms(lambda: fn(*inputs))
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    fwdbwd = _time_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, do))
+    return fwd, fwdbwd
+
+
+def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, recurrent: bool,
+              device: torch.device) -> Row:
+    H, dtype = MODEL_HEADS[model], DTYPES[dtype_name]
+    inputs = _inputs(B, T, H, dtype, device)
+    do = torch.randn(B, T, H, VALUE_DIM, device=device, dtype=dtype)
+    with torch.no_grad():
+        ours, ref = bigla(*inputs).float(), fla_chunk_stacked(*inputs).float()
+    rel_diff = ((ours - ref).norm() / ref.norm()).item()
+    ours_fwd, ours_fwdbwd = _fwd_and_fwdbwd(bigla, inputs, do)
+    chunk_fwd, chunk_fwdbwd = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do)
+    rec_fwd, rec_fwdbwd = _fwd_and_fwdbwd(fla_recurrent, inputs, do) if recurrent else (None, None)
+    n, size = B * T * H, dtype.itemsize
+    fwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size  # q, k, g_fwd, g_bwd, v in; o out
+    bwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size + n * (4 * KEY_DIM + VALUE_DIM) * size  # + do in; grads out
+    return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, rec_fwd, rec_fwdbwd,
+               fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff)
+
+
+def bench_norm_mix(device: torch.device) -> dict[str, float]:
+    """The fused epilogue against its PyTorch composition at ViG-T, 224^2, batch 256, bf16 (ms)."""
+    shape = (256, 196, 3, VALUE_DIM)
+    xs = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    ws = [torch.ones(VALUE_DIM, device=device) for _ in range(2)]
+    dy = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    result = {}
+    for name, fn in (("fused", norm_mix), ("pytorch", norm_mix_reference)):
+        run = lambda *a, fn=fn: fn(*a, swish=True)  # noqa: E731
+        result[f"{name}_fwd_ms"], result[f"{name}_fwdbwd_ms"] = _fwd_and_fwdbwd(run, xs + ws, dy)
+    return result
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+TABLE_HEADER = ("B", "T", "model", "dtype", "ours fwd", "ours f+b", "chunk fwd", "chunk f+b", "rec fwd", "rec f+b",
+                "x chunk fwd", "x chunk f+b", "floor fwd", "floor f+b", "diff")
+
+
+def print_table(rows: list[Row]) -> None:
+    for r in rows:
+        print(" | ".join([str(r.B), str(r.T), r.model, r.dtype, _fmt(r.ours_fwd_ms), _fmt(r.ours_fwdbwd_ms),
+                          _fmt(r.fla_chunk_fwd_ms), _fmt(r.fla_chunk_fwdbwd_ms), _fmt(r.fla_recurrent_fwd_ms),
+                          _fmt(r.fla_recurrent_fwdbwd_ms), f"{r.fla_chunk_fwd_ms / r.ours_fwd_ms:.2f}",
+                          f"{r.fla_chunk_fwdbwd_ms / r.ours_fwdbwd_ms:.2f}", _fmt(r.floor_fwd_ms),
+                          _fmt(r.floor_fwdbwd_ms), f"{r.rel_diff_vs_fla_chunk:.1e}"]), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="BiGLA kernel benchmark (needs an NVIDIA GPU and fla).")
+    parser.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_HEADS), choices=list(MODEL_HEADS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES],
+                        help="B x T pairs, e.g. 256x196")
+    parser.add_argument("--no-recurrent", action="store_true", help="skip the (slow) fused_recurrent baseline")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    print(" | ".join(TABLE_HEADER))
+    for shape in args.shapes:
+        B, T = (int(x) for x in shape.split("x"))
+        for model in args.models:
+            for dtype_name in args.dtypes:
+                rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_recurrent, device))
+                print_table(rows[-1:])
+                torch.cuda.empty_cache()
+    epilogue = bench_norm_mix(device)
+    print("\nall rows (ms; x chunk = fla chunk time / ours):")
+    print(" | ".join(TABLE_HEADER))
+    print_table(rows)
+    print("norm_mix epilogue, B256 T196 H3 dv64 bf16, swish:", {k: round(v, 4) for k, v in epilogue.items()})
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "copy_bandwidth_bytes_per_s": bandwidth,
+              "rows": [asdict(r) for r in rows], "norm_mix": epilogue}
+    directory = os.path.dirname(os.path.abspath(args.out))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        json.dump(report, f, indent=1)
+    os.replace(f.name, args.out)
+
+
+if __name__ == "__main__":
+    main()
