@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from vig.data import digitscenes
 from vig.data.layout import DatasetLayoutError, prepare, read_layout
 
-SMALL = {"digits": 300, "detection": {"train": 8, "val": 4}, "segmentation": {"train": 8, "val": 4}}
+SMALL = {"digits": 100, "detection": {"train": 8, "val": 4}, "segmentation": {"train": 8, "val": 4}}
 
 
 def small_params(seed: int = 0, **overrides) -> dict:
@@ -32,7 +32,7 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_generation_is_byte_identical_for_a_seed_and_differs_across_seeds(generated, tmp_path):
     first = tree_bytes(generated / "digitscenes")
-    assert len(first) == 300 + (8 + 4) + 2 + 2 * (8 + 4)  # digits, COCO scenes + jsons, ADE scenes + label maps
+    assert len(first) == 100 + (8 + 4) + 2 + 2 * (8 + 4)  # digits, COCO scenes + jsons, ADE scenes + label maps
     spec = digitscenes.DigitScenesSpec.from_params(small_params())
     digitscenes.generate(tmp_path / "again", spec, ["coco", "ade20k"])
     again = tree_bytes(tmp_path / "again")
@@ -56,9 +56,9 @@ def test_classification_is_an_imagefolder_with_a_stratified_split(generated):
     root = generated / "digitscenes" / "classification"
     counts = {split: {c.name: len(list(c.glob("*.JPEG"))) for c in (root / split).iterdir()} for split in ("train", "val")}
     assert sorted(counts["train"]) == sorted(counts["val"]) == list(digitscenes.CLASS_NAMES)
-    assert sum(counts["train"].values()) == 240 and sum(counts["val"].values()) == 60
-    for name in digitscenes.CLASS_NAMES:  # stratified: about 30 per class, a fifth of them in val
-        assert 28 <= counts["train"][name] + counts["val"][name] <= 32 and 5 <= counts["val"][name] <= 7
+    assert sum(counts["train"].values()) == 80 and sum(counts["val"].values()) == 20
+    for name in digitscenes.CLASS_NAMES:  # stratified: 10 of each class, 2 of them in val
+        assert counts["train"][name] == 8 and counts["val"][name] == 2
     with Image.open(next((root / "val" / "digit_3").glob("*.JPEG"))) as image:
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
 

@@ -25,14 +25,15 @@ from vig.data import (
     shard_urls,
 )
 from vig.data.layout import prepare, read_layout
-from vig.data.sharding import SPLITS, TASKS, ShardSettings, list_task, shard_all, shard_task
+from vig.data.sharding import SPLITS, TASKS, ShardSettings, list_task, sample_key, shard_all, shard_task
 
 DATA = {
     "source": "embedded",
     "seed": 0,
-    "embedded": {"digits": 300, "detection": {"train": 40, "val": 24}, "segmentation": {"train": 16, "val": 8}},
+    "embedded": {"digits": 100, "detection": {"train": 32, "val": 16}, "segmentation": {"train": 16, "val": 8}},
 }
-SETTINGS = ShardSettings(samples_per_shard=16, seed=0, workers=2)
+SETTINGS = ShardSettings(samples_per_shard=8, seed=0, workers=2)
+INLINE = ShardSettings(samples_per_shard=8, seed=0, workers=1)  # encodes in-process: monkeypatches apply
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +90,16 @@ def test_decoded_detection_and_segmentation_samples_equal_the_annotations(layout
     for image, target in detection_pipeline(shard_urls(shards, "detection", "val")):
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=target["image_id"]))
         with Image.open(root / "val2017" / coco.imgs[target["image_id"]]["file_name"]) as original:
-            expected = torch.from_numpy(np.asarray(original.convert("RGB"))).permute(2, 0, 1).float() / 255
-        torch.testing.assert_close(image, expected)
+            expected = torch.from_numpy(np.asarray(original.convert("RGB"))).permute(2, 0, 1)
+        assert image.dtype == torch.float32 and torch.equal((image * 255).round().to(torch.uint8), expected)
         xywh = torch.tensor([a["bbox"] for a in annotations])
-        torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
+        assert torch.equal(target["boxes"].as_subclass(torch.Tensor), torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
         assert target["labels"].tolist() == [a["category_id"] for a in annotations] and target["labels"].dtype == torch.int64
         masks = np.stack([coco.annToMask(a) for a in annotations])
         assert target["masks"].dtype == torch.uint8
         np.testing.assert_array_equal(target["masks"].numpy(), masks)
         seen += 1
-    assert seen == 24
+    assert seen == 16
 
     ade = Path(layout["ade20k"]["root"]) / "annotations" / "validation"
     labels = [np.asarray(Image.open(path)) for path in sorted(ade.glob("*.png"))]
@@ -108,14 +109,15 @@ def test_decoded_detection_and_segmentation_samples_equal_the_annotations(layout
 
 
 def test_sharding_is_deterministic_and_shuffles_classes_across_shards(layout, shards, tmp_path):
-    shard_all(layout, tmp_path, ShardSettings(samples_per_shard=16, seed=0, workers=1))  # inline, no pool
+    shard_all(layout, tmp_path, INLINE)  # the same shards whether encoded in a pool or inline
     for task in TASKS:
         written = sorted(path.name for path in (shards / task).iterdir())
         assert written == sorted(path.name for path in (tmp_path / task).iterdir())
         for name in written:
             assert (shards / task / name).read_bytes() == (tmp_path / task / name).read_bytes(), (task, name)
-    first_shard = raw_samples(shard_urls(shards, "classification", "train")[:1])
-    assert len({int(sample["cls"]) for sample in first_shard}) >= 6
+    # Sorted inputs hold 8 images per class, so unshuffled 8-sample shards would each hold a single class.
+    for url in shard_urls(shards, "classification", "train"):
+        assert len({int(sample["cls"]) for sample in raw_samples([url])}) >= 4
 
 
 def copy_layout(layout: dict, folder: Path) -> dict:
@@ -129,7 +131,7 @@ def copy_layout(layout: dict, folder: Path) -> dict:
 def test_corrupt_images_and_bad_annotations_are_skipped_and_counted(layout, tmp_path):
     broken = copy_layout(layout, tmp_path / "inputs")
     classification = Path(broken["imagenet"]["root"])
-    [truncated, garbage, png] = sorted((classification / "val" / "digit_3").glob("*.JPEG"))[:3]
+    [truncated, garbage, png] = sorted((classification / "val").rglob("*.JPEG"))[:3]
     truncated.write_bytes(truncated.read_bytes()[:200])
     garbage.write_bytes(b"not an image at all")
     with Image.open(png) as image:
@@ -152,21 +154,21 @@ def test_corrupt_images_and_bad_annotations_are_skipped_and_counted(layout, tmp_
     missing_label.unlink()
 
     out = tmp_path / "shards"
-    settings = ShardSettings(samples_per_shard=16, seed=0, workers=1)
     expected = {
         "classification": {"unreadable_image": 2},
         "detection": {"box_outside_image": 1, "unknown_category": 1, "undecodable_mask": 1, "unreadable_image": 1},
         "segmentation": {"label_map_not_8bit_single_channel": 1, "missing_label_map": 1},
     }
-    lost_samples = {"classification": 2, "detection": 1, "segmentation": 2}
+    val_samples = {"classification": 20 - 2, "detection": 16 - 1, "segmentation": 8 - 2}
     for task in TASKS:
-        manifest = shard_task(task, broken, out, settings)
+        manifest = shard_task(task, broken, out, INLINE)
         assert manifest == load_manifest(out, task)
         assert manifest["skipped_by_reason"] == expected[task]
         assert all(entry["split"] == "val" and entry["input"] for entry in manifest["skipped"])
         val = manifest["splits"]["val"]
-        assert val["samples"] == len(raw_samples(shard_urls(out, task, "val"))) == val["inputs"] - lost_samples[task] + (task == "segmentation")
-    reencoded = {s["__key__"]: s for s in raw_samples(shard_urls(out, "classification", "val"))}[f"digit_3_{png.stem}"]
+        assert val["samples"] == len(raw_samples(shard_urls(out, task, "val"))) == val_samples[task]
+    png_key = sample_key(str(png.relative_to(classification / "val")))
+    reencoded = {s["__key__"]: s for s in raw_samples(shard_urls(out, "classification", "val"))}[png_key]
     assert Image.open(io.BytesIO(reencoded["jpg"])).format == "JPEG"
     dropped_from = {instances["annotations"][0]["image_id"]}
     kept = {json.loads(s["json"])["image_id"]: json.loads(s["json"]) for s in raw_samples(shard_urls(out, "detection", "val"))}
@@ -176,7 +178,6 @@ def test_corrupt_images_and_bad_annotations_are_skipped_and_counted(layout, tmp_
 
 
 def test_an_interrupted_write_leaves_no_complete_looking_shard(layout, tmp_path, monkeypatch):
-    settings = ShardSettings(samples_per_shard=16, seed=0, workers=1)
     out = tmp_path / "shards"
     written = 0
     original_write = wds.TarWriter.write
@@ -184,22 +185,22 @@ def test_an_interrupted_write_leaves_no_complete_looking_shard(layout, tmp_path,
     def write_then_fail(self, sample):
         nonlocal written
         written += 1
-        if written == 40:  # in the middle of the third train shard
+        if written == 20:  # in the middle of the third train shard
             raise OSError("disk full (injected)")
         return original_write(self, sample)
 
     monkeypatch.setattr(wds.TarWriter, "write", write_then_fail)
     with pytest.raises(OSError, match="injected"):
-        shard_task("classification", layout, out, settings)
+        shard_task("classification", layout, out, INLINE)
     assert [path for path in out.rglob("*")] == []  # no tar, no manifest, no leftover temporary
 
     monkeypatch.setattr(wds.TarWriter, "write", original_write)
-    shard_task("classification", layout, out, settings)
+    shard_task("classification", layout, out, INLINE)
     before = {path.name: path.read_bytes() for path in (out / "classification").iterdir()}
     written = 0
     monkeypatch.setattr(wds.TarWriter, "write", write_then_fail)
     with pytest.raises(OSError, match="injected"):
-        shard_task("classification", layout, out, settings)
+        shard_task("classification", layout, out, INLINE)
     assert {path.name: path.read_bytes() for path in (out / "classification").iterdir()} == before
     assert sorted(path.name for path in out.iterdir()) == ["classification"]
 
@@ -211,7 +212,7 @@ def image_ids(loader) -> list[int]:
 def test_exact_pass_reads_each_sample_once_across_workers_and_ranks(shards, monkeypatch):
     urls = shard_urls(shards, "detection", "train")
     everything = image_ids(make_loader(detection_pipeline(urls), batch_size=4, collate_fn=collate_lists))
-    assert len(everything) == len(set(everything)) == 40
+    assert len(everything) == len(set(everything)) == 32
 
     two_workers = image_ids(make_loader(detection_pipeline(urls), batch_size=4, num_workers=2, collate_fn=collate_lists))
     assert sorted(two_workers) == sorted(everything)
@@ -270,13 +271,13 @@ def test_prepare_and_shard_stages_log_their_mlflow_runs(mlflow_store, tmp_path, 
     for run, stage in ((prepare_run, "prepare"), (shard_run, "shard")):
         assert run.data.tags["stage"] == stage and run.data.tags["pipeline_id"] == "pipe-1"
         assert run.info.status == "FINISHED"
-    assert prepare_run.data.params["prepare.source"] == "embedded" and prepare_run.data.metrics["coco.val"] == 24
+    assert prepare_run.data.params["prepare.source"] == "embedded" and prepare_run.data.metrics["coco.val"] == 16
     assert [a.path for a in client.list_artifacts(prepare_run.info.run_id)] == ["layout.json"]
 
     assert shard_run.data.params == {"shard.samples_per_shard": "64", "shard.seed": "0", "shard.workers": "2"}
     metrics = shard_run.data.metrics
-    assert metrics["classification.train.samples"] == 239 and metrics["classification.skipped.unreadable_image"] == 1
-    assert metrics["detection.val.samples"] == 24 and metrics["samples_per_s"] > 0
+    assert metrics["classification.train.samples"] == 79 and metrics["classification.skipped.unreadable_image"] == 1
+    assert metrics["detection.val.samples"] == 16 and metrics["samples_per_s"] > 0
     assert [a.path for a in client.list_artifacts(shard_run.info.run_id)] == list(TASKS)
     logged = client.download_artifacts(shard_run.info.run_id, "detection/manifest.json", str(tmp_path / "download"))
     assert json.loads(Path(logged).read_text()) == load_manifest(tmp_path / "shards", "detection")
