@@ -43,12 +43,12 @@ MAX_RECOMPUTED_CHUNKS = 4  # T <= 256: states recomputed in the chunk programs, 
 DIAG_MATMUL_LIMIT = 40.0
 
 
-def _autotune_configs() -> list[triton.Config]:
+def _autotune_configs(stages: tuple[int, ...]) -> list[triton.Config]:
     # The interpreter cannot benchmark configs (no GPU driver); VIG_BIGLA_AUTOTUNE=0 skips the search
     # where compile time matters more than speed (tests).
     if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+        return [triton.Config({}, num_warps=4, num_stages=stages[0])]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def _state_offsets(i_bh, chunk, NT, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
     return offs, m_k[:, None] & m_v[None, :]
 
 
-@triton.autotune(configs=_autotune_configs(), key=["T", "K", "V", "STATES_IN_MEMORY"])
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"])
 @triton.jit
 def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
@@ -293,7 +293,7 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
         _store_rows(o, bo, r0, T, H * V, o_v, m_v, b_o * scale, BC)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["T", "K", "V", "WITH_GRAD"])
+@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"])
 @triton.jit
 def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
                         q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NT, H,
@@ -350,7 +350,7 @@ def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, d
                 tl.store(dhb_states + offs, h, mask=m_s)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["T", "K", "V", "STATES_IN_MEMORY"])
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"])
 @triton.jit
 def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_states, dhf_states, dhb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
