@@ -19,7 +19,6 @@ import csv
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re
@@ -79,6 +78,7 @@ class BenchmarkConfig:
     train_iters: int = 20
     max_seconds: float | None = None  # per-cell time cap; passes actually run are recorded per cell
     device: str = "cuda"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self) -> None:
         for dtype in (*self.dtypes, self.train_dtype):
@@ -125,24 +125,78 @@ def fused_attention(enabled: bool) -> Iterator[None]:
 def build_model(spec: ModelSpec, resolution: int) -> nn.Module:
     """The model at `resolution` (position embeddings sized for it), random weights unless the spec has some."""
     import vig  # noqa: F401  (registers the ViG models with timm)
+    from vig.checkpoint import checkpoint_filter_fn
 
     with fused_attention(spec.attention != "plain"):
         model = timm.create_model(spec.name, img_size=resolution, **spec.kwargs)
     if spec.state_dict is not None:
-        model.load_state_dict(_resize_pos_embed(spec.state_dict, model), strict=True)
+        # Trained at another resolution: the position embedding is resampled to this grid.
+        model.load_state_dict(checkpoint_filter_fn(dict(spec.state_dict), model), strict=True)
     return model
 
 
-def _resize_pos_embed(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trained weights at another resolution: the absolute position embedding is resampled bicubically."""
-    target = model.state_dict().get("pos_embed")
-    source = state_dict.get("pos_embed")
-    if target is None or source is None or source.shape == target.shape:
-        return state_dict
-    prefix = getattr(model, "num_prefix_tokens", 0)
-    grid = int(math.isqrt(target.shape[1] - prefix))
-    resized = timm.layers.resample_abs_pos_embed(source, new_size=[grid, grid], num_prefix_tokens=prefix)
-    return {**state_dict, "pos_embed": resized}
+def checkpoint_spec(path: str | os.PathLike) -> ModelSpec:
+    """Our model from a pretraining weights file (its own config and trained weights), labelled 'trained_<name>'."""
+    from vig.engine import state
+
+    record = state.load(path)
+    if record.get("format") != state.WEIGHTS_FORMAT:
+        raise ValueError(
+            f"{path} is not a pretraining weights file (format {record.get('format')!r}, expected "
+            f"{state.WEIGHTS_FORMAT!r}): point benchmark.checkpoint at the pretrain stage's best.pt"
+        )
+    config = record["model_config"]
+    kwargs = {k: v for k, v in config["kwargs"].items() if k != "img_size"}  # set per benchmarked resolution
+    kwargs.update(num_classes=config["num_classes"], drop_path_rate=config["drop_path_rate"])
+    return ModelSpec(name=config["name"], label=f"trained_{config['name']}", kwargs=kwargs, state_dict=record["model"])
+
+
+def config_from_params(params: dict[str, Any], device: str, root: Path | None = None) -> BenchmarkConfig:
+    """The stage's BenchmarkConfig from params.yaml's `benchmark` section; on a CPU its `cpu` keys replace the rest."""
+    section = {k: v for k, v in params.items() if k != "cpu"}
+    if device == "cpu":
+        section.update(params.get("cpu") or {})
+    unknown = set(section) - PARAM_KEYS
+    if unknown:
+        raise ValueError(f"benchmark params: unknown key(s) {sorted(unknown)}; known: {sorted(PARAM_KEYS)}")
+    models = [ModelSpec(name=name, label=name) for name in section.get("models") or []]
+    if section.get("checkpoint"):
+        path = Path(root or ".") / section["checkpoint"]
+        if not path.exists():
+            raise FileNotFoundError(
+                f"benchmark.checkpoint: {path} not found: run the pretrain stage first, or set it to null"
+            )
+        models.append(checkpoint_spec(path))
+    models += baseline_specs(section.get("baselines") or [], section.get("attention") or ATTENTION_MODES)
+    evals, train = section["eval"], section.get("train") or {}
+    return BenchmarkConfig(
+        models=tuple(models),
+        dtypes=tuple(section["dtypes"]),
+        eval_cases=_paired(evals["resolutions"], evals["batch_sizes"], "eval"),
+        warmup=evals["warmup"],
+        iters=evals["iters"],
+        train_cases=_paired(train.get("resolutions", []), train.get("batch_sizes", []), "train"),
+        train_dtype=train.get("dtype", "bf16"),
+        train_warmup=train.get("warmup", 10),
+        train_iters=train.get("iters", 20),
+        max_seconds=section.get("max_seconds"),
+        device=device,
+        threads=section.get("threads"),
+    )
+
+
+PARAM_KEYS = {
+    "models", "checkpoint", "baselines", "attention", "dtypes", "eval", "train", "max_seconds", "profile", "threads"
+}
+
+
+def _paired(resolutions: Sequence[int], batch_sizes: Sequence[int], where: str) -> tuple[tuple[int, int], ...]:
+    if len(resolutions) != len(batch_sizes):
+        raise ValueError(
+            f"benchmark.{where}: {len(resolutions)} resolutions but {len(batch_sizes)} batch_sizes; "
+            "give one batch per resolution"
+        )
+    return tuple(zip(resolutions, batch_sizes))
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -329,6 +383,8 @@ def run_benchmark(
     `on_result` sees the record after each cell (e.g. to save partial results of a long GPU run).
     """
     device = torch.device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     record: dict[str, Any] = {
         "environment": device_info(device),
         "on_cpu": device.type == "cpu",
@@ -392,7 +448,9 @@ def compute_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = {key: ours[key] for key in ("mode", "dtype", "resolution", "batch")}
             ratio.update(model=ours["label"], baseline=base["label"], speedup=None, memory_ratio=None)
             both_ok = ours["status"] == base["status"] == "ok"
-            ratio["status"] = "ok" if both_ok else f"{ours['label']}: {ours['status']}, {base['label']}: {base['status']}"
+            ratio["status"] = (
+                "ok" if both_ok else f"{ours['label']}: {ours['status']}, {base['label']}: {base['status']}"
+            )
             if both_ok:
                 ratio["speedup"] = ours["images_per_s"] / base["images_per_s"]
                 if ours["peak_memory_gib"] is not None and base["peak_memory_gib"]:
@@ -426,6 +484,17 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_gib": memory,
         "speedup": speedup,
         "memory_ratio": memory_ratio,
+    }
+
+
+def mlflow_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The flat metrics as MLflow metric names ('speedup/vig_tiny_vs_deit_tiny_fused/eval/fp32/224'), skips left out."""
+    flat = flat_metrics(record)
+    return {
+        f"{group}/{key}": value
+        for group in ("images_per_s", "peak_memory_gib", "speedup", "memory_ratio")
+        for key, value in flat[group].items()
+        if value is not None
     }
 
 
@@ -490,9 +559,15 @@ def plot_benchmark(record: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(record: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Path]:
-    """The full record, the flat metrics, the plots CSV and (optionally) the PNG plots in `out_dir`."""
-    outputs = {"full": out_dir / FULL_JSON, "metrics": out_dir / METRICS_JSON, "plot_csv": out_dir / PLOT_CSV}
+def write_outputs(
+    record: dict[str, Any], out_dir: Path, plots: bool = True, metrics_path: Path | None = None
+) -> dict[str, Path]:
+    """The full record, the flat metrics (default: in `out_dir` too), the plots CSV and the PNG plots."""
+    outputs = {
+        "full": out_dir / FULL_JSON,
+        "metrics": metrics_path or out_dir / METRICS_JSON,
+        "plot_csv": out_dir / PLOT_CSV,
+    }
     write_json(outputs["full"], record)
     write_json(outputs["metrics"], flat_metrics(record))
     write_plot_csv(record, outputs["plot_csv"])
@@ -622,7 +697,9 @@ def profile_benchmark(config: BenchmarkConfig, passes: int = 3) -> list[dict[str
         for resolution, batch in config.eval_cases:
             model = build_model(spec, resolution).to(device)
             for dtype in config.dtypes:
-                profile = _measure_or_skip(lambda: profile_model(model, batch, resolution, dtype, device, passes), device)
+                profile = _measure_or_skip(
+                    lambda: profile_model(model, batch, resolution, dtype, device, passes), device
+                )
                 if profile.get("status") != OUT_OF_MEMORY:
                     profiles.append({"label": spec.label, **profile})
             del model
@@ -675,7 +752,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Throughput / memory of ViG models against timm DeiT baselines measured in the same process "
         "(the paper's protocol: eval, no_grad, 50 warm-up + 30 timed passes).",
     )
-    parser.add_argument("--model", nargs="+", default=["vig_tiny"], help="timm names of our models (after `import vig`)")
+    parser.add_argument("--model", nargs="+", default=["vig_tiny"],
+                        help="our models: timm names (after `import vig`) or pretraining weights files (best.pt)")
     parser.add_argument("--baselines", nargs="*", default=list(DEIT_BASELINES),
                         help="timm baseline names; give none to skip")
     parser.add_argument("--attention", nargs="+", default=list(ATTENTION_MODES), choices=ATTENTION_MODES,
@@ -726,7 +804,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     train_cases = CPU_TRAIN_CASES if on_cpu else PROTOCOL_TRAIN_CASES
     if args.train_cases:
         train_cases = _train_cases(args.train_cases)
-    models = [ModelSpec(name=name, label=name) for name in args.model]
+    models = [checkpoint_spec(m) if Path(m).is_file() else ModelSpec(name=m, label=m) for m in args.model]
     models += baseline_specs(args.baselines, args.attention)
     return BenchmarkConfig(
         models=tuple(models),
