@@ -28,7 +28,8 @@ def main() -> None:
         for task in result["manifests"]:
             mlflow.log_artifact(str(root / SHARD_DIR / task / MANIFEST), artifact_path=task)
         write_json(root / METRICS_FILE, metrics)
-    print(f"shard: {metrics['samples']} samples in {metrics['seconds']:.1f} s ({metrics['samples_per_s']:.0f} samples/s)")
+    seconds, throughput = metrics["seconds"], metrics["samples_per_s"]
+    print(f"shard: {metrics['samples']} samples in {seconds:.1f} s ({throughput:.0f} samples/s)")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def test_generation_is_byte_identical_for_a_seed_and_differs_across_seeds(genera
 
 def test_classification_is_an_imagefolder_with_a_stratified_split(generated):
     root = generated / "digitscenes" / "classification"
-    counts = {split: {c.name: len(list(c.glob("*.JPEG"))) for c in (root / split).iterdir()} for split in ("train", "val")}
+    counts = {
+        split: {folder.name: len(list(folder.glob("*.JPEG"))) for folder in (root / split).iterdir()}
+        for split in ("train", "val")
+    }
     assert sorted(counts["train"]) == sorted(counts["val"]) == list(digitscenes.CLASS_NAMES)
     assert sum(counts["train"].values()) == 80 and sum(counts["val"].values()) == 20
     for name in digitscenes.CLASS_NAMES:  # stratified: 10 of each class, 2 of them in val

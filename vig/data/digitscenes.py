@@ -140,7 +140,8 @@ def sample_rng(seed: int, task: str, split: str, index: int) -> np.random.Genera
 
 
 def _upsample(plane: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    image = Image.fromarray(plane.astype(np.float32), mode="F")
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -245,7 +246,8 @@ def write_classification(root: Path, spec: DigitScenesSpec, digits: Digits) -> d
     counts = {}
     for split, indices in digits.split.items():
         for index in indices:
-            image = render_digit(digits.images[index], spec.image_size, sample_rng(spec.seed, "classification", split, index))
+            rng = sample_rng(spec.seed, "classification", split, index)
+            image = render_digit(digits.images[index], spec.image_size, rng)
             folder = root / split / CLASS_NAMES[digits.labels[index]]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"digit_{index:04d}.JPEG").write_bytes(encode_jpeg(image))

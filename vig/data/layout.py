@@ -34,7 +34,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 EXPECTED = {
     "imagenet": "ImageFolder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
     "coco": "train2017/, val2017/, annotations/instances_{train,val}2017.json",
-    "ade20k": f"{ADE_FOLDER}/images/{{training,validation}}/*.jpg, {ADE_FOLDER}/annotations/{{training,validation}}/*.png",
+    "ade20k": f"{ADE_FOLDER}/images/{{training,validation}}/*.jpg, "
+    f"{ADE_FOLDER}/annotations/{{training,validation}}/*.png",
 }
 
 

@@ -66,7 +66,9 @@ def shard_urls(shard_root: str | Path, task: str, split: str) -> list[str]:
     urls = [str(folder / shard["file"]) for shard in manifest["splits"][split]["shards"]]
     missing = [url for url in urls if not Path(url).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) listed in {folder / MANIFEST} are missing, e.g. {missing[0]}: rerun the shard stage")
+        raise FileNotFoundError(
+            f"{len(missing)} shard(s) listed in {folder / MANIFEST} are missing, e.g. {missing[0]}: rerun the shard stage"
+        )
     if not urls:
         raise ValueError(f"{folder / MANIFEST} lists no {split} shards: the split had no usable samples")
     return urls
@@ -250,4 +252,6 @@ def make_loader(
 
     Workers are not persistent, so `pipeline.set_epoch(e)` before each epoch reaches them.
     """
-    return wds.WebLoader(pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, **loader_kwargs)
+    return wds.WebLoader(
+        pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, **loader_kwargs
+    )

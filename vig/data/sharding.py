@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -159,7 +160,8 @@ def encode_detection(item: tuple[str, str, dict, list[dict], frozenset[int]]) ->
     data, image = read
     height, width = image_info["height"], image_info["width"]
     if image.size != (width, height):
-        return Skip(path, "image_size_mismatch", f"image is {image.size[0]}x{image.size[1]}, annotations say {width}x{height}")
+        detail = f"image is {image.size[0]}x{image.size[1]}, annotations say {width}x{height}"
+        return Skip(path, "image_size_mismatch", detail)
     target: dict[str, Any] = {
         "image_id": image_info["id"], "file_name": image_info["file_name"], "height": height, "width": width,
         "annotation_ids": [], "boxes": [], "category_ids": [], "masks": [], "area": [], "iscrowd": [],
@@ -264,7 +266,8 @@ def list_coco(root: Path) -> TaskInputs:
             info = coco.imgs[image_id]
             image_info = {name: info[name] for name in ("id", "file_name", "height", "width")}
             path = root / f"{split}2017" / info["file_name"]
-            items.append((str(path), sample_key(info["file_name"]), image_info, coco.imgToAnns.get(image_id, []), categories))
+            annotations = coco.imgToAnns.get(image_id, [])
+            items.append((str(path), sample_key(info["file_name"]), image_info, annotations, categories))
         inputs.items[split] = items
     return inputs
 
@@ -276,8 +279,8 @@ def list_ade20k(root: Path, classes: list[str] | None) -> TaskInputs:
     for split, folder in zip(SPLITS, ("training", "validation")):
         images = {path.stem: path for path in _image_files(root / "images" / folder)}
         labels = {path.stem: path for path in sorted((root / "annotations" / folder).glob("*.png"))}
-        inputs.skipped[split] += [Skip(str(images[stem]), "missing_label_map") for stem in sorted(images.keys() - labels)]
-        inputs.skipped[split] += [Skip(str(labels[stem]), "label_map_without_image") for stem in sorted(labels.keys() - images)]
+        inputs.skipped[split] += [Skip(str(images[s]), "missing_label_map") for s in sorted(images.keys() - labels)]
+        inputs.skipped[split] += [Skip(str(labels[s]), "label_map_without_image") for s in sorted(labels.keys() - images)]
         inputs.items[split] = [
             (str(images[stem]), sample_key(stem), str(labels[stem]), len(classes) if classes else None)
             for stem in sorted(images.keys() & labels.keys())
@@ -296,6 +299,14 @@ def list_task(task: str, layout: dict[str, Any]) -> TaskInputs:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """The process pool that decodes and validates inputs, with its size."""
+
+    pool: multiprocessing.pool.Pool
+    processes: int
 
 
 def _encode_chunk(encode: Callable[[Any], Encoded | Skip], chunk: list) -> list[Encoded | Skip]:
@@ -352,7 +363,7 @@ class _HashingFile:
 def write_shards(samples: Iterable[Encoded], out_dir: Path, split: str, samples_per_shard: int) -> list[dict[str, Any]]:
     """Write `<split>-NNNNNN.tar` shards of `samples_per_shard` samples; returns [{file, samples, sha256}]."""
     samples = iter(samples)
-    shards = []
+    shards: list[dict[str, Any]] = []
     for index in itertools.count():
         batch = list(itertools.islice(samples, samples_per_shard))
         if not batch:
@@ -364,7 +375,6 @@ def write_shards(samples: Iterable[Encoded], out_dir: Path, split: str, samples_
                 for sample in batch:
                     tar.write({"__key__": sample.key, **sample.sample})
         shards.append({"file": name, "samples": len(batch), "sha256": hashing.sha256.hexdigest()})
-    return shards
 
 
 @dataclass(frozen=True)
@@ -387,14 +397,6 @@ class ShardSettings:
     @property
     def processes(self) -> int:
         return self.workers or os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class Encoders:
-    """The process pool that decodes and validates inputs, with its size."""
-
-    pool: multiprocessing.pool.Pool
-    processes: int
 
 
 def shard_task(
@@ -428,8 +430,9 @@ def shard_task(
                 "inputs": len(items),
                 "shards": shards,
             }
-            manifest["skipped"] += [{"split": split, "input": s.input, "reason": s.reason, "detail": s.detail} for s in skipped]
-        manifest["skipped_by_reason"] = dict(sorted(collections.Counter(s["reason"] for s in manifest["skipped"]).items()))
+            manifest["skipped"] += [{"split": split, **dataclasses.asdict(skip)} for skip in skipped]
+        reasons = collections.Counter(skip["reason"] for skip in manifest["skipped"])
+        manifest["skipped_by_reason"] = dict(sorted(reasons.items()))
         write_json(staging / MANIFEST, manifest)
     return manifest
 
@@ -455,7 +458,7 @@ def _throughput(samples: int, seconds: float) -> dict[str, float]:
 
 def shard_metrics(manifests: dict[str, dict[str, Any]], seconds: dict[str, float]) -> dict[str, float]:
     """Flat metrics: throughput overall and per task, samples/shards per split, skips per reason."""
-    samples = {task: sum(split["samples"] for split in manifest["splits"].values()) for task, manifest in manifests.items()}
+    samples = {task: sum(split["samples"] for split in m["splits"].values()) for task, m in manifests.items()}
     metrics = _throughput(sum(samples.values()), sum(seconds.values()))
     for task, manifest in manifests.items():
         metrics.update({f"{task}.{name}": value for name, value in _throughput(samples[task], seconds[task]).items()})
