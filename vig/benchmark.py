@@ -220,6 +220,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             device_memory_gib=round(props.total_memory / 2**30, 1),
             compute_capability=f"{props.major}.{props.minor}",
             cuda=torch.version.cuda,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,  # False: fp32 cells are true fp32 GEMMs
         )
     else:
         info["device"] = f"CPU ({_cpu_name()}, {os.cpu_count()} cores)"
