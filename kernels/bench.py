@@ -51,6 +51,7 @@ class Row:
     floor_fwdbwd_ms: float
     rel_diff_vs_fla_chunk: float
     ours_first_call_s: float
+    ours_kernel_ms: dict[str, float]
 
 
 def _time_ms(fn) -> float:
@@ -91,6 +92,20 @@ def _inputs(B: int, T: int, H: int, dtype: torch.dtype, device: torch.device) ->
     return [q, k, v, g_fwd, g_bwd]
 
 
+def kernel_times(fn, calls: int = 5) -> dict[str, float]:
+    """Device time per call of each GPU kernel fn launches (ms), from the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {e.key: e.device_time_total / calls / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         fwd = _time_ms(lambda: fn(*inputs))
@@ -114,6 +129,8 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, rec
     with torch.no_grad():
         ref = fla_chunk_stacked(*inputs).float()
     rel_diff = ((ours - ref).norm() / ref.norm()).item()
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    kernels_ms = kernel_times(lambda: torch.autograd.grad(bigla(*leaves), leaves, do))
     ours_fwd, ours_fwdbwd = _fwd_and_fwdbwd(bigla, inputs, do)
     chunk_fwd, chunk_fwdbwd = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do)
     rec_fwd, rec_fwdbwd = _fwd_and_fwdbwd(fla_recurrent, inputs, do) if recurrent else (None, None)
@@ -121,7 +138,8 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, rec
     fwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size  # q, k, g_fwd, g_bwd, v in; o out
     bwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size + n * (4 * KEY_DIM + VALUE_DIM) * size  # + do in; grads out
     return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, rec_fwd, rec_fwdbwd,
-               fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff, first_call_s)
+               fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff, first_call_s,
+               kernels_ms)
 
 
 def bench_norm_mix(device: torch.device) -> dict[str, float]:
@@ -177,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             for dtype_name in args.dtypes:
                 rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_recurrent, device))
                 print_table(rows[-1:])
+                print("    our kernels, fwd+bwd (ms/call):", {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()})
                 torch.cuda.empty_cache()
     epilogue = bench_norm_mix(device)
     print("\nall rows (ms; x chunk = fla chunk time / ours):")
