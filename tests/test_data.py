@@ -158,14 +158,22 @@ def test_validation_names_every_missing_piece_in_one_message(tmp_path):
     assert not (tmp_path / "data" / "layout.json").exists()
 
 
-def test_explicit_real_root_mixes_with_embedded_data(tmp_path):
+OBJECT_INFO = "Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n2\t0.1072\t6046\t612\tbuilding, edifice\n"
+
+
+def test_explicit_real_roots_mix_with_embedded_data(tmp_path):
     make_imagenet(tmp_path / "imagenet")
-    prepare(small_params(imagenet="imagenet"), tmp_path / "data", tmp_path)
+    ade = tmp_path / "ade" / "ADEChallengeData2016"
+    for folder in ("images/training", "images/validation", "annotations/training", "annotations/validation"):
+        (ade / folder).mkdir(parents=True)
+    (ade / "objectInfo150.txt").write_text(OBJECT_INFO)
+
+    prepare(small_params(imagenet="imagenet", ade20k=str(tmp_path / "ade")), tmp_path / "data", tmp_path)
     layout = read_layout(tmp_path / "data" / "layout.json")
     assert layout["imagenet"] == {"root": str(tmp_path / "imagenet"), "source": "user"}
-    assert layout["coco"]["source"] == "embedded" and Path(layout["coco"]["root"]).is_dir()
-    assert layout["ade20k"]["classes"] == ["background", *digitscenes.CLASS_NAMES]
-    assert not (tmp_path / "data" / "digitscenes" / "classification").exists()
+    assert layout["ade20k"] == {"root": str(ade), "source": "user", "classes": ["other", "wall", "building, edifice"]}
+    assert layout["coco"]["source"] == "embedded" and Path(layout["coco"]["root"], "val2017").is_dir()
+    assert sorted(path.name for path in (tmp_path / "data" / "digitscenes").iterdir()) == ["coco"]
 
 
 def test_bad_embedded_params_say_what_is_wrong():

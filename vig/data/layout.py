@@ -151,11 +151,15 @@ def ade20k_classes(root: Path) -> list[str] | None:
         return None
     names = {}
     for line in class_file.read_text().splitlines():
-        fields = [field.strip() for field in line.split("\t")]
-        if len(fields) >= 2 and fields[0].isdigit():
-            names[int(fields[0])] = fields[-1]
-    if sorted(names) != list(range(1, len(names) + 1)):
-        raise DatasetLayoutError(f"{class_file}: expected tab-separated rows 'Idx ... Name' numbered 1..N")
+        # Columns Idx, Ratio, Train, Val, Name; a name may hold spaces ("building, edifice").
+        fields = line.strip().split(maxsplit=4)
+        if len(fields) == 5 and fields[0].isdigit():
+            names[int(fields[0])] = fields[4]
+    if not names or sorted(names) != list(range(1, len(names) + 1)):
+        raise DatasetLayoutError(
+            f"{class_file}: expected a header, then rows 'Idx Ratio Train Val Name' numbered 1..N; "
+            "restore the file from the ADEChallengeData2016 download or delete it (label ids are then unchecked)"
+        )
     return [ADE_UNLABELLED_NAME] + [names[index] for index in sorted(names)]
 
 
