@@ -1,0 +1,146 @@
+"""Layers shared by plain ViG and ViG-H: RMSNorm, the SwiGLU product and the ViG token mixer.
+
+Fused flash-linear-attention kernels are used on CUDA tensors and plain PyTorch everywhere else; the
+choice is made per call from the input's device, so one model moves freely between CPU and GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+GATE_LOGIT_NORMALIZER = 16
+GATE_LOW_RANK_DIM = 16
+XAVIER_GAIN = 2**-2.5
+
+
+@functools.cache
+def _fla_ops():
+    """flash-linear-attention's fused rms_norm and swiglu, or None when fla is not installed.
+
+    Imported on first CUDA use only: importing fla on a machine without a GPU prints a warning.
+    """
+    try:
+        from fla.modules.activations import swiglu
+        from fla.modules.norm.layernorm import rms_norm
+    except ImportError:
+        return None
+    return rms_norm, swiglu
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x², last dim) + eps) * weight."""
+    fla_ops = _fla_ops() if x.is_cuda else None
+    if fla_ops is not None:
+        return fla_ops[0](x, weight, None, eps=eps)
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * value."""
+    fla_ops = _fla_ops() if gate.is_cuda else None
+    if fla_ops is not None:
+        return fla_ops[1](gate, value)
+    return F.silu(gate) * value
+
+
+def swiglu_mlp(x: torch.Tensor, gate_value_proj: nn.Linear, down_proj: nn.Linear) -> torch.Tensor:
+    """down_proj(silu(gate) * value), where gate and value are the two halves of one fused projection."""
+    gate, value = gate_value_proj(x).chunk(2, dim=-1)
+    return down_proj(swiglu(gate, value))
+
+
+def round_up(x: int, multiple: int) -> int:
+    return multiple * -(-x // multiple)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned scale (no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GatedLinearAttention(nn.Module):
+    """The ViG token mixer on a channels-last grid [B, H, W, C] -> [B, H, W, C].
+
+    A depth-wise 3x3 conv gives the local branch; q/k/v, the forward and backward log-decays
+    (logsigmoid(z) / 16, from one low-rank projection) and the injection gate are all projected from it.
+    Bidirectional gated linear attention over the row-major token sequence gives the global branch;
+    both branches are RMS-normalised per head and mixed by the sigmoid gate (2D gating locality
+    injection) before the output projection. Parameter names follow the official release.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        expand_k: float = 0.5,
+        use_act_in_conv: bool = False,
+        use_out_act: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        key_dim = int(dim * expand_k)
+        if key_dim % num_heads or dim % num_heads:
+            raise ValueError(
+                f"GatedLinearAttention: dim {dim} and key dim {key_dim} (dim * expand_k) must both be divisible "
+                f"by num_heads {num_heads}; choose num_heads dividing both"
+            )
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        # The value dim equals dim: the local branch is mixed into the attention output channel by channel.
+        head_v_dim = dim // num_heads
+        self.in_proj = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False),
+            nn.SiLU() if use_act_in_conv else nn.Identity(),
+        )
+        self.qkv_proj = nn.Linear(dim, 2 * key_dim + dim, bias=False)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, GATE_LOW_RANK_DIM, bias=False),
+            nn.Linear(GATE_LOW_RANK_DIM, 2 * key_dim, bias=True),
+        )
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.g_norm = RMSNorm(head_v_dim, eps=norm_eps)
+        self.l_norm = RMSNorm(head_v_dim, eps=norm_eps)
+        self.g_proj = nn.Linear(dim, dim, bias=True)
+        self.out_act = nn.SiLU() if use_out_act else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The release's mixer init: xavier-uniform with gain 2^-2.5 on every projection and the depth-wise conv."""
+        for weight in (
+            self.in_proj[0].weight,
+            self.qkv_proj.weight,
+            self.gk_proj[0].weight,
+            self.gk_proj[1].weight,
+            self.g_proj.weight,
+            self.o_proj.weight,
+        ):
+            nn.init.xavier_uniform_(weight, gain=XAVIER_GAIN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        heads = self.num_heads
+        # The conv reads and writes channels-last memory, so both permutes are free.
+        local = self.in_proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        q, k, v = self.qkv_proj(local).split([self.key_dim, self.key_dim, C], dim=-1)
+        log_decay = F.logsigmoid(self.gk_proj(local)) / GATE_LOGIT_NORMALIZER
+        g_fwd, g_bwd = log_decay.unflatten(-1, (2, heads, -1)).unbind(2)
+        o = kernels.bigla(q.unflatten(-1, (heads, -1)), k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1)), g_fwd, g_bwd)
+        gate = torch.sigmoid(self.g_proj(local)).unflatten(-1, (heads, -1))
+        o = torch.lerp(self.l_norm(local.unflatten(-1, (heads, -1))), self.g_norm(o), gate)
+        o = self.o_proj(self.out_act(o.flatten(-2)))
+        return o.view(B, H, W, C)
