@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 from vig.params import project_root
 from vig.tracking import PIPELINE_ID_ENV
@@ -23,6 +24,8 @@ SANDBOX_ENV = {
 
 def pipeline_env() -> dict[str, str]:
     env = {**os.environ, **{k: v for k, v in SANDBOX_ENV.items() if k not in os.environ}}
+    # dvc.yaml's `python -m stages.<name>` must find this interpreter (the project venv), not the system one.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault(PIPELINE_ID_ENV, uuid.uuid4().hex[:12])
     env.setdefault("VIG_ROOT", str(project_root()))
     return env
