@@ -31,11 +31,16 @@ def _causal_gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     G = g.cumsum(-2)  # inclusive in-chunk cumulative log decay
     neg_inf = G.new_tensor(float("-inf"))
 
-    # Intra-chunk: key s as seen from query t, k_s * exp(G_t - G_s) for s <= t and 0 above the diagonal,
-    # then one batched mat-vec per query (cheaper on CPU than an einsum over [t, s, K] products).
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    # Intra-chunk: key s as seen from query t, k_s * exp(G_t - G_s) for s < t, k_t itself on the diagonal
+    # and 0 above it, then one batched mat-vec per query (cheaper on CPU than an einsum over [t, s, K]).
+    # The diagonal is the constant exp(0) rather than exp(G_t - G_t): its gradient is zero either way, but
+    # autograd would form it as x - x with x of order one, and that rounding error swamps the true
+    # (exp(g)-sized) gate gradients when the gates are very negative.
+    earlier_in_chunk = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
+    diagonal_or_later = torch.full((chunk, chunk), float("-inf"), device=q.device).triu(1)
     diff = G[..., :, None, :] - G[..., None, :, :]
-    decayed_keys = torch.where(causal[:, :, None], diff, neg_inf).exp() * k[..., None, :, :]
+    decayed_keys = torch.where(earlier_in_chunk[:, :, None], diff, diagonal_or_later[:, :, None]).exp()
+    decayed_keys = decayed_keys * k[..., None, :, :]
     scores = (decayed_keys @ q[..., None]).squeeze(-1)  # [B, H, N, C, C]
     out = scores @ v
 
