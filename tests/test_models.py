@@ -181,7 +181,8 @@ def test_mixer_matches_the_release_formula():
     for p in mixer.parameters():
         nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 3, 5, 16)
-    local = nn.functional.silu(nn.functional.conv2d(x.permute(0, 3, 1, 2), mixer.in_proj[0].weight, padding=1, groups=16))
+    conv = nn.functional.conv2d(x.permute(0, 3, 1, 2), mixer.in_proj[0].weight, padding=1, groups=16)
+    local = nn.functional.silu(conv)
     local = local.flatten(2).transpose(1, 2)  # [B, L, C]
     q, k, v = mixer.qkv_proj(local).split([8, 8, 16], -1)
     gates = nn.functional.logsigmoid(mixer.gk_proj(local)) / 16
@@ -214,3 +215,25 @@ def test_vig_package_registers_all_models():
         timm.list_models("vig_*")
     )
     assert vig.models.ViG is ViG
+
+
+def test_gflops_counts_linears_convs_and_bigla_analytically():
+    from vig.flops import bigla_flops, gflops
+
+    model = make("vig_tiny", embed_dim=32, depth=1, num_heads=1, img_size=32, num_classes=10)
+    tokens = 2 * 2  # 32 px: conv 9x9/8 (pad 1) -> 4x4, conv 3x3/2 -> 2x2
+    hidden = 256  # int(32 * 8 / 3) = 85, rounded up to a multiple of 256
+    stem = 16 * 3 * 81 * 16 + 32 * 16 * 9 * tokens
+    mixer = tokens * (32 * 9 + 32 * 64 + 32 * 16 + 16 * 32 + 32 * 32 + 32 * 32) + 2 * tokens * 2 * 16 * 32
+    mlp = tokens * (32 * 2 * hidden + hidden * 32)
+    assert bigla_flops(tokens, heads=1, key_dim=16, value_dim=32) == 2 * tokens * 2 * 16 * 32
+    assert gflops(model, img_size=32) * 1e9 == pytest.approx(stem + mixer + mlp + 32 * 10)
+    assert model.training  # restored
+
+
+def test_flops_cli_prints_params_and_gflops(capsys):
+    from vig.flops import main
+
+    main(["--models", "vig_tiny", "--img-size", "32"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "vig_tiny" and row[1] == "5,834,536" and float(row[2]) > 0

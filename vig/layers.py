@@ -139,7 +139,8 @@ class GatedLinearAttention(nn.Module):
         q, k, v = self.qkv_proj(local).split([self.key_dim, self.key_dim, C], dim=-1)
         log_decay = F.logsigmoid(self.gk_proj(local)) / GATE_LOGIT_NORMALIZER
         g_fwd, g_bwd = log_decay.unflatten(-1, (2, heads, -1)).unbind(2)
-        o = kernels.bigla(q.unflatten(-1, (heads, -1)), k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1)), g_fwd, g_bwd)
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+        o = kernels.bigla(q, k, v, g_fwd, g_bwd)
         gate = torch.sigmoid(self.g_proj(local)).unflatten(-1, (heads, -1))
         o = torch.lerp(self.l_norm(local.unflatten(-1, (heads, -1))), self.g_norm(o), gate)
         o = self.o_proj(self.out_act(o.flatten(-2)))

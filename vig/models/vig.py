@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    calculate_drop_path_rates,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 

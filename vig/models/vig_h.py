@@ -134,7 +134,9 @@ class ViGH(nn.Module):
         num_stages = len(depths)
         dims = [dims * 2**i for i in range(num_stages)] if isinstance(dims, int) else list(dims)
         if not len(dims) == len(num_heads) == num_stages:
-            raise ValueError(f"ViGH: dims {dims}, depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+            raise ValueError(
+                f"ViGH: dims {dims}, depths {list(depths)} and num_heads {list(num_heads)} differ in length"
+            )
         self.num_classes = num_classes
         self.dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
@@ -232,7 +234,9 @@ class ViGH(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         if norm and not self.feature_norms:
-            raise ValueError("forward_intermediates(norm=True) needs the per-stage norms: build with feature_norms=True")
+            raise ValueError(
+                "forward_intermediates(norm=True) needs the per-stage norms: build with feature_norms=True"
+            )
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
