@@ -107,10 +107,13 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
 
 def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[float, float]:
+    start = time.perf_counter()
     with torch.no_grad():
         fwd = _time_ms(lambda: fn(*inputs))
     leaves = [x.detach().requires_grad_() for x in inputs]
     fwdbwd = _time_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, do))
+    print(f"    {fn.__name__}: fwd {fwd:.4f} ms, fwd+bwd {fwdbwd:.4f} ms ({time.perf_counter() - start:.0f} s)",
+          flush=True)
     return fwd, fwdbwd
 
 
@@ -181,34 +184,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES],
                         help="B x T pairs, e.g. 256x196")
     parser.add_argument("--no-recurrent", action="store_true", help="skip the (slow) fused_recurrent baseline")
+    parser.add_argument("--no-epilogue", action="store_true", help="skip the norm_mix epilogue timing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": []}
     rows = []
-    print(" | ".join(TABLE_HEADER))
+    if not args.no_epilogue:
+        report["norm_mix"] = bench_norm_mix(device)
+        print("norm_mix epilogue, B256 T196 H3 dv64 bf16, swish (ms):", report["norm_mix"], flush=True)
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
         for model in args.models:
             for dtype_name in args.dtypes:
+                print(f"B{B} T{T} {model} {dtype_name}:", flush=True)
                 rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_recurrent, device))
-                print_table(rows[-1:])
-                print("    our kernels, fwd+bwd (ms/call):", {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()})
+                print("    our kernels, fwd+bwd (ms/call):",
+                      {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()}, flush=True)
+                report["rows"].append(asdict(rows[-1]))
+                _write_json(report, args.out)  # after every row: a cut-off run keeps what it measured
                 torch.cuda.empty_cache()
-    epilogue = bench_norm_mix(device)
     print("\nall rows (ms; x chunk = fla chunk time / ours):")
     print(" | ".join(TABLE_HEADER))
     print_table(rows)
-    print("norm_mix epilogue, B256 T196 H3 dv64 bf16, swish:", {k: round(v, 4) for k, v in epilogue.items()})
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "copy_bandwidth_bytes_per_s": bandwidth,
-              "rows": [asdict(r) for r in rows], "norm_mix": epilogue}
-    directory = os.path.dirname(os.path.abspath(args.out))
+    _write_json(report, args.out)
+
+
+def _write_json(report: dict, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
         json.dump(report, f, indent=1)
-    os.replace(f.name, args.out)
+    os.replace(f.name, path)
 
 
 if __name__ == "__main__":

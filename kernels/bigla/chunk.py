@@ -26,6 +26,7 @@ its right edge, so each chunk finishes its gate gradients alone.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -41,6 +42,10 @@ MAX_RECOMPUTED_CHUNKS = 4  # T <= 256: states recomputed in the chunk programs, 
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
 DIAG_MATMUL_LIMIT = 40.0
+
+
+# Keep autotuning results in Triton's cache directory where this Triton can (3.2+): later processes skip it.
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _autotune_configs(stages: tuple[int, ...]) -> list[triton.Config]:
@@ -220,7 +225,7 @@ def _state_offsets(i_bh, chunk, NT, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
     return offs, m_k[:, None] & m_v[None, :]
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"])
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
@@ -293,7 +298,7 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
         _store_rows(o, bo, r0, T, H * V, o_v, m_v, b_o * scale, BC)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"])
+@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
                         q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NT, H,
@@ -350,7 +355,7 @@ def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, d
                 tl.store(dhb_states + offs, h, mask=m_s)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"])
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_states, dhf_states, dhb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
