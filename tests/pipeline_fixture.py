@@ -1,0 +1,139 @@
+"""One real run of the whole DVC pipeline with smoke-sized params, shared by the UI, rerun and experiment tests.
+
+`smoke_pipeline` (session scope) copies the repository (the files git knows, ignored ones left out) into a
+temporary folder, makes it a git repository of its own, writes smoke params (the real params.yaml with the
+smallest sizes) and runs ``python -m pipelines.repro`` there once. It works with whatever stages dvc.yaml holds,
+and tests ask it for `stages` (read from dvc.yaml), so their checks grow as stages land.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_TIMEOUT_S = 900
+
+# Smallest sizes that still exercise every stage; a key is applied only where params.yaml has it, so the
+# fixture follows params.yaml as stages land.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.embedded.detection": {"train": 24, "val": 8},
+    "data.embedded.segmentation": {"train": 24, "val": 8},
+    "shard.workers": 1,
+}
+
+
+def copy_repository(dest: Path) -> Path:
+    """Copy the files git tracks or would track (not ignored ones: no .venv, outputs or MLflow store) to `dest`
+    and make `dest` a git repository with one commit, as a fresh clone would be."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "config", "user.name", "vig tests")
+    git(dest, "config", "user.email", "tests@vig.invalid")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "test copy")
+    return dest
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def project_env(root: Path) -> dict[str, str]:
+    """Environment for commands run in a project copy: its own MLflow store (the default one, at its root),
+    the venv's `python` first on PATH (DVC stage commands say `python -m stages...`), nothing inherited that
+    would point a stage elsewhere."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("MLFLOW_TRACKING_URI", "VIG_ROOT", "VIG_PIPELINE_ID", "RAY_ADDRESS")}  # fmt: skip
+    return {**inherited, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+def run(root: Path, *command: str, timeout_s: float = PIPELINE_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run `command` in the project copy; fail the test with its output if it fails."""
+    done = subprocess.run(
+        list(command), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout_s
+    )
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
+                    f"--- stderr\n{done.stderr[-6000:]}")  # fmt: skip
+    return done
+
+
+def smoke_params(params: dict[str, Any]) -> dict[str, Any]:
+    """params with SMOKE_OVERRIDES applied where the key exists."""
+    for dotted, value in SMOKE_OVERRIDES.items():
+        *parents, key = dotted.split(".")
+        section = params
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section:
+            section[key] = value
+    return params
+
+
+def write_smoke_params(root: Path) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(params), sort_keys=False))
+
+
+def dvc_stages(root: Path) -> list[str]:
+    return list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    root: Path
+    stages: list[str]
+    pipeline_id: str
+    experiment: str
+    seconds: float
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlruns.db'}"
+
+    def clone(self, dest: Path) -> Path:
+        """A copy of the finished project (git, DVC state, outputs) with an empty MLflow store of its own."""
+        shutil.copytree(self.root, dest, symlinks=True, ignore=shutil.ignore_patterns("mlruns.db", "mlartifacts"))
+        return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    root = copy_repository(tmp_path_factory.mktemp("smoke-pipeline"))
+    write_smoke_params(root)
+    git(root, "commit", "-q", "-am", "smoke params")
+    pipeline_id = "smoke-" + os.urandom(4).hex()
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.repro"], cwd=root, env={**project_env(root), "VIG_PIPELINE_ID": pipeline_id},
+        capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(f"smoke pipeline failed ({done.returncode})\n{done.stdout[-8000:]}\n{done.stderr[-8000:]}")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return PipelineRun(
+        root=root,
+        stages=dvc_stages(root),
+        pipeline_id=pipeline_id,
+        experiment=params.get("experiment", "vig"),
+        seconds=time.monotonic() - started,
+    )
