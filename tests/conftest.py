@@ -7,6 +7,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
+from pipeline_fixture import pretrain_rerun, smoke_pipeline  # noqa: E402,F401  (session-wide pipeline runs)
 
 
 @pytest.fixture

@@ -4,6 +4,9 @@
 temporary folder, makes it a git repository of its own, writes smoke params (the real params.yaml with the
 smallest sizes) and runs ``python -m pipelines.repro`` there once. It works with whatever stages dvc.yaml holds,
 and tests ask it for `stages` (read from dvc.yaml), so their checks grow as stages land.
+
+`pretrain_rerun` (session scope, after it) changes one pretrain param in that project, commits, and runs the
+pipeline again: the rerun tests check what reran, the UI test compares the two pretrain runs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_TIMEOUT_S = 900
+RERUN_STAGE = "pretrain"
+RERUN_PARAM = "pretrain.optim.base_lr"  # changes the training, not its length
 
 # Smallest sizes that still exercise every stage; a key is applied only where params.yaml has it, so the
 # fixture follows params.yaml as stages land.
@@ -69,7 +74,7 @@ def project_env(root: Path) -> dict[str, str]:
 def run(root: Path, *command: str, timeout_s: float = PIPELINE_TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run `command` in the project copy; fail the test with its output if it fails."""
     done = subprocess.run(
-        list(command), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout_s
+        list(command), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout_s, check=False
     )
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n"
@@ -125,7 +130,7 @@ def smoke_pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.repro"], cwd=root, env={**project_env(root), "VIG_PIPELINE_ID": pipeline_id},
-        capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S,
+        capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S, check=False,
     )  # fmt: skip
     if done.returncode != 0:
         pytest.fail(f"smoke pipeline failed ({done.returncode})\n{done.stdout[-8000:]}\n{done.stderr[-8000:]}")
@@ -137,3 +142,84 @@ def smoke_pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
         experiment=params.get("experiment", "vig"),
         seconds=time.monotonic() - started,
     )
+
+
+def dvc_downstream(root: Path, stage: str) -> set[str]:
+    """Stages that depend on `stage`, directly or through others, by DVC's own pipeline graph."""
+    import networkx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge points from a stage to a stage it depends on
+        node = next(node for node in graph.nodes if node.addressing == stage)
+        return {node.addressing for node in networkx.ancestors(graph, node)}
+
+
+def get_param(params: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        params = params[key]
+    return params
+
+
+def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, key = dotted.split(".")
+    for name in parents:
+        params = params[name]
+    params[key] = value
+
+
+@dataclass(frozen=True)
+class ParamRerun:
+    pipeline: PipelineRun
+    stage: str
+    param: str
+    old: Any
+    new: Any
+    pipeline_id: str
+    rerun_expected: set[str]  # the changed stage and everything downstream of it
+    dvc_output: str
+    output_mtimes_before: dict[str, int]
+    output_mtimes_after: dict[str, int]
+
+
+def _output_mtimes(root: Path) -> dict[str, int]:
+    """Modification times of every file the pipeline wrote (DVC outputs, metrics and plots of all stages)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    mtimes = {}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = root / (entry if isinstance(entry, str) else next(iter(entry)))
+                files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+                mtimes.update({str(f.relative_to(root)): f.stat().st_mtime_ns for f in files})
+    return mtimes
+
+
+@pytest.fixture(scope="session")
+def pretrain_rerun(smoke_pipeline: PipelineRun) -> ParamRerun:
+    root = smoke_pipeline.root
+    if RERUN_STAGE not in smoke_pipeline.stages:
+        pytest.skip(f"dvc.yaml has no {RERUN_STAGE} stage yet")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "smoke pipeline results")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    old = get_param(params, RERUN_PARAM)
+    new = old / 2
+    set_param(params, RERUN_PARAM, new)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = _output_mtimes(root)
+    pipeline_id = "rerun-" + os.urandom(4).hex()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.repro"], cwd=root, env={**project_env(root), "VIG_PIPELINE_ID": pipeline_id},
+        capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(f"rerun after {RERUN_PARAM}={new} failed ({done.returncode})\n{done.stdout[-8000:]}\n"
+                    f"{done.stderr[-8000:]}")  # fmt: skip
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", f"{RERUN_PARAM}={new}")
+    return ParamRerun(
+        pipeline=smoke_pipeline, stage=RERUN_STAGE, param=RERUN_PARAM, old=old, new=new, pipeline_id=pipeline_id,
+        rerun_expected={RERUN_STAGE, *dvc_downstream(root, RERUN_STAGE)}, dvc_output=done.stdout + done.stderr,
+        output_mtimes_before=before, output_mtimes_after=_output_mtimes(root),
+    )  # fmt: skip
