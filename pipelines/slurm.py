@@ -28,6 +28,7 @@ from typing import Any
 
 import submitit
 import yaml
+from submitit.core.utils import FailedJobError
 
 from pipelines.ray_cluster import run_on_ray_cluster
 from pipelines.repro import SANDBOX_ENV
@@ -210,15 +211,18 @@ def submit(stage: str | None, settings: dict[str, Any], root: Path, dry_run: boo
     command = job_command(stage)
     env = {PIPELINE_ID_ENV: os.environ.get(PIPELINE_ID_ENV) or uuid.uuid4().hex[:12], ROOT_ENV: str(root),
            **{k: v for k, v in SANDBOX_ENV.items() if k not in os.environ}}  # fmt: skip
-    what = f"`{' '.join(command[1:])}` on {settings['nodes']} node(s)"
+    what = f"`dvc repro{f' -s {stage}' if stage else ''}` on {settings['nodes']} node(s)"
     if dry_run:
         print(f"dry run: would submit {job_name}: {what}")
-        print(f"  in {root}, job folder {root / settings['folder']}")
+        print(f"  in {root}, job folder {root / settings['folder']}; node 0 runs: {' '.join(command)}")
         for key, value in executor_parameters(settings, job_name).items():
             print(f"  {key}: {value}")
         return None
     executor = make_executor(settings, root, job_name)
-    job = executor.submit(StageJob(command, str(root), env, [str(arg) for arg in settings["ray_start_args"]]))
+    try:
+        job = executor.submit(StageJob(command, str(root), env, [str(arg) for arg in settings["ray_start_args"]]))
+    except FailedJobError as error:
+        raise SystemExit(f"sbatch refused the job:\n{error}") from error
     print(f"submitted job {job.job_id} ({job_name}): {what}")
     _print_job(job)
     return job

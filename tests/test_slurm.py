@@ -16,7 +16,7 @@ import submitit
 import yaml
 
 from pipeline_fixture import REPO_ROOT, copy_repository, git, project_env, run, write_smoke_params
-from pipelines.slurm import make_executor, slurm_settings
+from pipelines.slurm import make_executor, parse_time_min, slurm_settings
 from services.local_slurm import start_cluster, stop_services
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -228,3 +228,22 @@ def test_two_node_job_runs_the_stage_on_a_ray_cluster_across_both_nodes(slurm_cl
     assert f"--address={head_address}" in worker_log  # node 1 joined the head as a Ray worker
     assert not _processes_mentioning(head_address), f"Ray processes of job {job_id} outlived it"
     dvc_status_is_clean(root)
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"), [("90", 90), ("1:30:00", 90), ("45:30", 46), ("2-00", 2880), ("1-02:03:04", 1564)]
+)
+def test_time_limits_in_slurm_formats(text, minutes):
+    assert parse_time_min(text) == minutes
+
+
+def test_slurm_section_is_checked_and_overridden():
+    section = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["slurm"]
+    settings = slurm_settings({"slurm": section}, {"nodes": 4, "partition": "gpu", "time_min": None})
+    assert (settings["nodes"], settings["partition"], settings["time_min"]) == (4, "gpu", section["time_min"])
+    with pytest.raises(SystemExit, match=r"unknown keys \['gpus'\]"):
+        slurm_settings({"slurm": {**section, "gpus": 8}}, {})
+    with pytest.raises(SystemExit, match="slurm.nodes must be >= 1"):
+        slurm_settings({"slurm": section}, {"nodes": 0})
+    with pytest.raises(SystemExit, match="no `slurm:` section"):
+        slurm_settings({}, {})
