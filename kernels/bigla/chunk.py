@@ -1,28 +1,24 @@
-"""Triton kernels for BiGLA: both directions of gated linear attention in one chunked pass.
+"""Triton kernels for BiGLA: both directions of gated linear attention, sub-chunk by sub-chunk.
 
 Layout is token-major, [B, T, H, K] for q, k and the log gates, [B, T, H, V] for v, o.
-The sequence is cut into chunks of BT tokens, each chunk into sub-chunks of BC tokens.
 
-For a chunk, the output needs
-- the forward state entering it from the left, S = sum_{u < c0} exp(F_{c0-1} - F_u) k_u v_u^T, and the
-  backward state entering it from the right, R = sum_{u > c1} exp(B_{c1+1} - B_u) k_u v_u^T;
-- the token pairs inside the chunk: off-diagonal sub-chunk pairs as matrix products whose exponents are
-  taken relative to the sub-chunk edge between them (so every exponent is <= 0 and nothing can overflow,
-  however negative the gates are); diagonal sub-chunks either as a matrix product around a reference row
-  in the middle of the sub-chunk (when its total decay is small enough that exp() of the half-decay
-  stays finite) or element by element (always safe).
-Both directions read the same q/k/v tiles.
+One program handles a segment of up to SEGMENT tokens of one (batch, head) in steps of BC = 16 tokens,
+sweeping it twice: right to left carrying the backward state R (the keys right of the current
+sub-chunk), left to right carrying the forward state S (the keys left of it); each sub-chunk reads its
+q/k/v/gate tiles and meets the state by matrix products (tf32/tf32x3 tensor cores), the pairs inside it
+through a diagonal block. Only [BC, K] / [BC, V] tiles and [K, V] states are live, which keeps register
+pressure low. Decays are sums of the gates of just the tokens in between (every exponent <= 0 except
+around a diagonal block's middle row, bounded there), so nothing overflows however steep the gates.
 
-Where the states come from:
-- short sequences (at most MAX_RECOMPUTED_CHUNKS chunks: ViG at 224^2 has T = 196) recompute them inside
-  each chunk's program by scanning its neighbours: one launch, no state tensor in memory;
-- long sequences run a state-scan kernel first (one program per (batch, head, direction)), which writes
-  the state entering every chunk, and the chunk programs read it.
+- T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
+  launch per pass;
+- longer T: a scan kernel first writes the states at every segment's edges (one program per (batch,
+  head, state kind), SCAN_CHUNK-token steps), and the segments run in parallel from them.
 
-The backward pass recomputes the states the same way (nothing but the inputs is saved) and produces dq,
-dk, dv and both gate gradients in one chunk-parallel kernel. The gate gradients are suffix sums of
-q*dq - k*dk per direction; the part coming from tokens right of a chunk equals sum_v(dState * State) at
-its right edge, so each chunk finishes its gate gradients alone.
+The backward pass recomputes those states (nothing but the inputs is saved) and produces dq, dk, dv and
+both gate gradients. The first sweep keeps its half of the gradients in fp32 scratch for the second.
+The gate gradients come out as prefix sums of q*dq - k*dk per direction in the left-to-right sweep; the
+part from tokens left of a segment equals sum_v(state * gradient state) at its left edge.
 """
 from __future__ import annotations
 
@@ -35,9 +31,9 @@ import triton.language as tl
 
 from kernels.triton_utils import INTERPRET, output_buffer
 
-CHUNK = 64  # BT: tokens per chunk
-SUB_CHUNK = 16  # BC: tokens per sub-chunk (the smallest tile tl.dot accepts)
-MAX_RECOMPUTED_CHUNKS = 4  # T <= 256: states recomputed in the chunk programs, no state-scan launch
+SEGMENT = 256  # tokens per program; T <= SEGMENT (ViG at 224^2: T = 196) needs no state-scan launch
+SUB_CHUNK = 16  # BC: tokens per step of the sweeps (the smallest tile tl.dot accepts)
+SCAN_CHUNK = 64  # BT: tokens per step of the state scan across segments
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -104,22 +100,6 @@ def _scan_step(h, x_ptr, x_base, x_stride, g_ptr, g_base, g_stride, y_ptr, y_bas
         e = e - g
     h = h * tl.exp(tl.sum(g, 0))[:, None]
     return h + _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
-
-
-@triton.jit
-def _keys_to_edges(k_c, gf_c, gb_c, before, after):
-    """Keys of a chunk decayed to the edges of one of its sub-chunks: rows before it forward to its first
-    token, exp(sum_{s < r < i0} g_fwd), rows after it backward to its last, exp(sum_{i1 < r < s} g_bwd).
-
-    The decays are sums over just the tokens in between (not differences of chunk-wide cumulative sums,
-    whose rounding grows with everything before), so they keep fp32 accuracy under any gates. Exponents
-    are <= 0 where selected; the minimum keeps the rows not selected finite.
-    """
-    e_f = tl.cumsum(tl.where(before, gf_c, 0.0), 0, reverse=True) - gf_c
-    e_b = tl.cumsum(tl.where(after, gb_c, 0.0), 0) - gb_c
-    kf = tl.where(before, k_c * tl.exp(tl.minimum(e_f, 0.0)), 0.0)
-    kb = tl.where(after, k_c * tl.exp(tl.minimum(e_b, 0.0)), 0.0)
-    return kf, kb
 
 
 @triton.jit
@@ -225,20 +205,34 @@ def _state_offsets(i_bh, chunk, NT, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
     return offs, m_k[:, None] & m_v[None, :]
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
+def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, gb_st, r0, T,
+               o_k, m_k, o_v, m_v, BC: tl.constexpr):
+    q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BC)
+    k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BC)
+    v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BC)
+    gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BC)
+    gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
+    return q_i, k_i, v_i, gf_i, gb_i
+
+
+@triton.autotune(configs=_autotune_configs(stages=(1, 2)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
+@triton.jit
+def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                     scale, T, NT, H,
-                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     scale, T, NS, H,
+                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """o for one chunk of one (batch, head) and one block of value columns.
+    """o for one segment of SEG tokens of one (batch, head) and one block of value columns.
 
-    Inputs may be strided over batch and tokens (e.g. slices of a fused projection); a head's channels
-    are contiguous. o is contiguous.
+    Right to left over the segment's sub-chunks, carrying the backward state, the backward direction's
+    part of o goes to o_bwd (fp32 scratch); then left to right, carrying the forward state, the forward
+    part, the diagonal sub-chunk and the scratch make o. Inputs may be strided over batch and tokens
+    (slices of a fused projection); a head's channels are contiguous. o and o_bwd are contiguous.
     """
-    i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_b64 = i_b.to(tl.int64)
     o_k = tl.arange(0, BK)
@@ -251,124 +245,66 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, hf_states, hb_states,
     bgf = i_b64 * gf_sb + i_h * K
     bgb = i_b64 * gb_sb + i_h * K
     bo = (i_b64 * T * H + i_h) * V
-
+    HV = H * V
     if STATES_IN_MEMORY:
-        offs, m_s = _state_offsets(i_bh, i_n, NT, o_k, m_k, o_v, m_v, K, V)
-        hf = tl.load(hf_states + offs, mask=m_s, other=0.0)
-        hb = tl.load(hb_states + offs, mask=m_s, other=0.0)
+        offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
+        h = tl.load(hb_states + offs, mask=m_s, other=0.0)
     else:
-        hf = tl.zeros([BK, BV], tl.float32)
-        hb = tl.zeros([BK, BV], tl.float32)
-        for m in range(0, i_n):
-            hf = _scan_step(hf, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, m, T, o_k, m_k, o_v, m_v,
-                            BT, False, False, PRECISION)
-        for j in range(0, NT - 1 - i_n):
-            hb = _scan_step(hb, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, NT - 1 - j, T, o_k, m_k, o_v, m_v,
-                            BT, True, False, PRECISION)
+        h = tl.zeros([BK, BV], tl.float32)
+    c0 = i_s * SEG
+    n_sub = tl.cdiv(tl.minimum(SEG, T - c0), BC)
 
-    c0 = i_n * BT
-    o_c = tl.arange(0, BT)
-    gf_c = _load_rows(gf, bgf, c0, T, gf_st, o_k, m_k, BT)
-    gb_c = _load_rows(gb, bgb, c0, T, gb_st, o_k, m_k, BT)
-    k_c = _load_rows(k, bk, c0, T, k_st, o_k, m_k, BT)
-    v_c = _load_rows(v, bv, c0, T, v_st, o_v, m_v, BT)
-    for i in range(0, BT // BC):
+    for j in range(0, n_sub):  # right to left: R, the state of the tokens right of sub-chunk i
+        r0 = c0 + (n_sub - 1 - j) * BC
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
+        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
+        _store_rows(o_bwd, bo, r0, T, HV, o_v, m_v, _mm(q_i * tl.exp(Bl), h, PRECISION), BC)
+        # R <- R decayed across the sub-chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
+        h = h * tl.exp(tl.sum(gb_i, 0))[:, None]
+        h += _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
+
+    tl.debug_barrier()  # o_bwd rows written above are read back below, possibly by other threads
+    if STATES_IN_MEMORY:
+        h = tl.load(hf_states + offs, mask=m_s, other=0.0)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    for i in range(0, n_sub):  # left to right: S, the state of the tokens left of sub-chunk i
         r0 = c0 + i * BC
-        q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BC)
-        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BC)
-        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BC)
-        gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BC)
-        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
-        Fl = tl.cumsum(gf_i, 0)
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
+        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
         Bl = tl.cumsum(gb_i, 0, reverse=True)
-        before = (o_c < i * BC)[:, None]
-        after = (o_c >= (i + 1) * BC)[:, None]
-        F_before = tl.sum(tl.where(before, gf_c, 0.0), 0)
-        B_after = tl.sum(tl.where(after, gb_c, 0.0), 0)
-        # Other chunks, through the states.
-        b_o = _mm(q_i * tl.exp(Fl + F_before[None, :]), hf, PRECISION)
-        b_o += _mm(q_i * tl.exp(Bl + B_after[None, :]), hb, PRECISION)
-        # Other sub-chunks of this chunk: keys decayed to the near edge of sub-chunk i.
-        kf, kb = _keys_to_edges(k_c, gf_c, gb_c, before, after)
-        A = _mm(q_i * tl.exp(Fl), tl.trans(kf), PRECISION)
-        A += _mm(q_i * tl.exp(Bl), tl.trans(kb), PRECISION)
-        b_o += _mm(A, v_c, PRECISION)
+        b_o = _mm(q_i * tl.exp(Fl), h, PRECISION) + _load_rows(o_bwd, bo, r0, T, HV, o_v, m_v, BC)
         D = _diag_scores(q_i, k_i, gf_i, gb_i, Fl, Bl, BC, LIMIT, PRECISION)
         b_o += _mm(D, v_i, PRECISION) + 2.0 * tl.sum(q_i * k_i, 1)[:, None] * v_i
-        _store_rows(o, bo, r0, T, H * V, o_v, m_v, b_o * scale, BC)
+        _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BC)
+        # S <- S decayed across the sub-chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
+        tot = tl.sum(gf_i, 0)
+        h = h * tl.exp(tot)[:, None] + _mm(tl.trans(k_i * tl.exp(tot[None, :] - Fl)), v_i, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(stages=(1, 2)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
-                        q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NT, H,
-                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr):
-    """The state entering every chunk, one scan per program: axis 2 picks the forward state, the backward
-    state and (WITH_GRAD) the gradients of the two. do is contiguous."""
-    i_v, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_b64 = i_b.to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    bq = i_b64 * q_sb + i_h * K
-    bk = i_b64 * k_sb + i_h * K
-    bv = i_b64 * v_sb + i_h * V
-    bgf = i_b64 * gf_sb + i_h * K
-    bgb = i_b64 * gb_sb + i_h * K
-    bdo = (i_b64 * T * H + i_h) * V
-    h = tl.zeros([BK, BV], tl.float32)
-    if i_d == 0:  # S entering chunk n from the left
-        offs, m_s = _state_offsets(i_bh, 0, NT, o_k, m_k, o_v, m_v, K, V)
-        tl.store(hf_states + offs, h, mask=m_s)
-        for n in range(1, NT):
-            h = _scan_step(h, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, n - 1, T, o_k, m_k, o_v, m_v,
-                           BT, False, False, PRECISION)
-            offs, m_s = _state_offsets(i_bh, n, NT, o_k, m_k, o_v, m_v, K, V)
-            tl.store(hf_states + offs, h, mask=m_s)
-    elif i_d == 1:  # R entering chunk n from the right
-        offs, m_s = _state_offsets(i_bh, NT - 1, NT, o_k, m_k, o_v, m_v, K, V)
-        tl.store(hb_states + offs, h, mask=m_s)
-        for j in range(1, NT):
-            h = _scan_step(h, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, NT - j, T, o_k, m_k, o_v, m_v,
-                           BT, True, False, PRECISION)
-            offs, m_s = _state_offsets(i_bh, NT - 1 - j, NT, o_k, m_k, o_v, m_v, K, V)
-            tl.store(hb_states + offs, h, mask=m_s)
-    elif WITH_GRAD:
-        if i_d == 2:  # gradient of S at chunk n's last token, from the outputs right of it
-            offs, m_s = _state_offsets(i_bh, NT - 1, NT, o_k, m_k, o_v, m_v, K, V)
-            tl.store(dhf_states + offs, h, mask=m_s)
-            for j in range(1, NT):
-                h = _scan_step(h, q, bq, q_st, gf, bgf, gf_st, do, bdo, H * V, NT - j, T, o_k, m_k, o_v, m_v,
-                               BT, True, True, PRECISION)
-                offs, m_s = _state_offsets(i_bh, NT - 1 - j, NT, o_k, m_k, o_v, m_v, K, V)
-                tl.store(dhf_states + offs, h, mask=m_s)
-        else:  # gradient of R at chunk n's first token, from the outputs left of it
-            offs, m_s = _state_offsets(i_bh, 0, NT, o_k, m_k, o_v, m_v, K, V)
-            tl.store(dhb_states + offs, h, mask=m_s)
-            for n in range(1, NT):
-                h = _scan_step(h, q, bq, q_st, gb, bgb, gb_st, do, bdo, H * V, n - 1, T, o_k, m_k, o_v, m_v,
-                               BT, False, True, PRECISION)
-                offs, m_s = _state_offsets(i_bh, n, NT, o_k, m_k, o_v, m_v, K, V)
-                tl.store(dhb_states + offs, h, mask=m_s)
-
-
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
-@triton.jit
-def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_states, dhf_states, dhb_states,
+def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
+                     hf_states, hb_states, dhf_states, dhb_states,
                      q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                     scale, T, NT, H, split_stride,
-                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     scale, T, NS, H, split_stride,
+                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """dq, dk, dv, dg_fwd, dg_bwd for one chunk of one (batch, head) and one block of value columns.
+    """dq, dk, dv, dg_fwd, dg_bwd for one segment of one (batch, head) and one block of value columns.
 
-    do and all gradients are contiguous. With several value blocks, dq, dk and the gate gradients are
-    partial sums over the value columns, written split_stride apart and summed by the caller.
+    Right to left, carrying R (backward state) and dS (gradient of the forward state): the backward
+    direction's dq and the forward direction's dk, dv go to fp32 scratch. Left to right, carrying S and
+    dR: the rest, the diagonal sub-chunks, and the gate gradients as prefix sums (dg_fwd[r] =
+    -sum_{t<r} (q dq_f - k dk_f)_t since those terms sum to zero over the sequence; dg_bwd[r] =
+    sum_{t<=r} (q dq_b - k dk_b)_t), started from sum_v(state * gradient state) at the segment's left edge.
+    do, the gradients and the scratch are contiguous; with several value blocks dq, dk and the gate
+    gradients are partial sums, written split_stride apart and summed by the caller.
     """
-    i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_b64 = i_b.to(tl.int64)
     o_k = tl.arange(0, BK)
@@ -384,127 +320,140 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, hf_states, hb_st
     bdk = (i_b64 * T * H + i_h) * K + i_v.to(tl.int64) * split_stride
     HK = H * K
     HV = H * V
-
-    # hf: S entering from the left; hb: R entering from the right; dhf: gradient of S at the chunk's last
-    # token (from outputs right of it); dhb: gradient of R at the chunk's first token (from outputs left).
     if STATES_IN_MEMORY:
-        offs, m_s = _state_offsets(i_bh, i_n, NT, o_k, m_k, o_v, m_v, K, V)
-        hf = tl.load(hf_states + offs, mask=m_s, other=0.0)
-        hb = tl.load(hb_states + offs, mask=m_s, other=0.0)
-        dhf = tl.load(dhf_states + offs, mask=m_s, other=0.0)
-        dhb = tl.load(dhb_states + offs, mask=m_s, other=0.0)
+        offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
+        R = tl.load(hb_states + offs, mask=m_s, other=0.0)
+        dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
     else:
-        hf = tl.zeros([BK, BV], tl.float32)
-        hb = tl.zeros([BK, BV], tl.float32)
-        dhf = tl.zeros([BK, BV], tl.float32)
-        dhb = tl.zeros([BK, BV], tl.float32)
-        for m in range(0, i_n):
-            hf = _scan_step(hf, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, m, T, o_k, m_k, o_v, m_v,
-                            BT, False, False, PRECISION)
-            dhb = _scan_step(dhb, q, bq, q_st, gb, bgb, gb_st, do, bdo, HV, m, T, o_k, m_k, o_v, m_v,
-                             BT, False, True, PRECISION)
-        for j in range(0, NT - 1 - i_n):
-            hb = _scan_step(hb, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, NT - 1 - j, T, o_k, m_k, o_v, m_v,
-                            BT, True, False, PRECISION)
-            dhf = _scan_step(dhf, q, bq, q_st, gf, bgf, gf_st, do, bdo, HV, NT - 1 - j, T, o_k, m_k, o_v, m_v,
-                             BT, True, True, PRECISION)
+        R = tl.zeros([BK, BV], tl.float32)
+        dS = tl.zeros([BK, BV], tl.float32)
+    c0 = i_s * SEG
+    n_sub = tl.cdiv(tl.minimum(SEG, T - c0), BC)
 
-    c0 = i_n * BT
-    o_c = tl.arange(0, BT)
-    gf_c = _load_rows(gf, bgf, c0, T, gf_st, o_k, m_k, BT)
-    gb_c = _load_rows(gb, bgb, c0, T, gb_st, o_k, m_k, BT)
-    tot_f = tl.sum(gf_c, 0)
-    tot_b = tl.sum(gb_c, 0)
-    q_c = _load_rows(q, bq, c0, T, q_st, o_k, m_k, BT)
-    k_c = _load_rows(k, bk, c0, T, k_st, o_k, m_k, BT)
-    v_c = _load_rows(v, bv, c0, T, v_st, o_v, m_v, BT)
-    do_c = _load_rows(do, bdo, c0, T, HV, o_v, m_v, BT)
-
-    # Gate-gradient pairs that straddle the chunk's right edge: sum over v of (gradient state * state) there.
-    S_end = hf * tl.exp(tot_f)[:, None]
-    S_end += _mm(tl.trans(k_c * tl.exp(tl.cumsum(gf_c, 0, reverse=True) - gf_c)), v_c, PRECISION)
-    dR_end = dhb * tl.exp(tot_b)[:, None]
-    dR_end += _mm(tl.trans(q_c * tl.exp(tl.cumsum(gb_c, 0, reverse=True))), do_c, PRECISION)
-    run_f = tl.sum(dhf * S_end, 1)  # sum over tokens right of the current sub-chunk of (q dq_f - k dk_f)
-    cross_b = tl.sum(dR_end * hb, 1)
-    run_b = tl.zeros([BK], tl.float32)  # the same for (q dq_b - k dk_b), within this chunk
-
-    # Sub-chunks right to left, so the gate gradients' suffix sums can be carried.
-    for ii in range(0, BT // BC):
-        i = BT // BC - 1 - ii
-        r0 = c0 + i * BC
-        q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BC)
-        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BC)
-        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BC)
+    for j in range(0, n_sub):  # right to left
+        r0 = c0 + (n_sub - 1 - j) * BC
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BC)
-        gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BC)
-        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
-        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
-        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
-        Fl_after = tl.cumsum(gf_i, 0, reverse=True) - gf_i  # sum_{t < r <= i1} g_fwd
-        Bl_before = tl.cumsum(gb_i, 0) - gb_i  # sum_{i0 <= r < t} g_bwd
-        before = (o_c < i * BC)[:, None]
-        after = (o_c >= (i + 1) * BC)[:, None]
-        F_before = tl.sum(tl.where(before, gf_c, 0.0), 0)
-        F_after = tl.sum(tl.where(after, gf_c, 0.0), 0)
-        B_before = tl.sum(tl.where(before, gb_c, 0.0), 0)
-        B_after = tl.sum(tl.where(after, gb_c, 0.0), 0)
+        Fl = tl.cumsum(gf_i, 0)
+        Bl = tl.cumsum(gb_i, 0, reverse=True)
+        tot_f = tl.sum(gf_i, 0)
+        tot_b = tl.sum(gb_i, 0)
+        e_kf = tl.exp(tot_f[None, :] - Fl)  # sum_{t < r <= i1} g_fwd
+        e_kb = tl.exp(tl.cumsum(gb_i, 0) - gb_i)  # sum_{i0 <= r < t} g_bwd
+        # dq of the backward direction (keys right of i), dk and dv of the forward one (queries right of i)
+        _store_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, _mm(do_i, tl.trans(R), PRECISION) * tl.exp(Bl), BC)
+        _store_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, _mm(v_i, tl.trans(dS), PRECISION) * e_kf, BC)
+        _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), BC)
+        R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * e_kb), v_i, PRECISION)
+        dS = dS * tl.exp(tot_f)[:, None] + _mm(tl.trans(q_i * tl.exp(Fl)), do_i, PRECISION)
 
-        # Other chunks, through the states.
-        ek_f = tl.exp(Fl_after + F_after[None, :])
-        ek_b = tl.exp(Bl_before + B_before[None, :])
-        dqf = _mm(do_i, tl.trans(hf), PRECISION) * tl.exp(Fl + F_before[None, :])
-        dqb = _mm(do_i, tl.trans(hb), PRECISION) * tl.exp(Bl + B_after[None, :])
-        dkf = _mm(v_i, tl.trans(dhf), PRECISION) * ek_f
-        dkb = _mm(v_i, tl.trans(dhb), PRECISION) * ek_b
-        b_dv = _mm(k_i * ek_f, dhf, PRECISION)
-        b_dv += _mm(k_i * ek_b, dhb, PRECISION)
+    tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
+    if STATES_IN_MEMORY:
+        S = tl.load(hf_states + offs, mask=m_s, other=0.0)
+        dR = tl.load(dhb_states + offs, mask=m_s, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], tl.float32)
+        dR = tl.zeros([BK, BV], tl.float32)
+    # Gate-gradient pairs straddling the segment's left edge; R and dS now include the whole segment.
+    run_f = tl.sum(S * dS, 1)  # dg_fwd at the current token = -sum over earlier tokens of (q dq_f - k dk_f)
+    run_b = tl.sum(dR * R, 1)  # dg_bwd before the current token
+    for i in range(0, n_sub):  # left to right
+        r0 = c0 + i * BC
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BC)
+        Fl = tl.cumsum(gf_i, 0)
+        Bl = tl.cumsum(gb_i, 0, reverse=True)
+        tot_f = tl.sum(gf_i, 0)
+        tot_b = tl.sum(gb_i, 0)
+        e_kb = tl.exp(tl.cumsum(gb_i, 0) - gb_i)
+        D, dqf, dqb, dkf, dkb = _diag_grads(q_i, k_i, do_i, v_i, gf_i, gb_i, Fl, Bl, BC, BK, LIMIT, PRECISION)
+        dqf += _mm(do_i, tl.trans(S), PRECISION) * tl.exp(Fl)  # keys left of i, forward direction
+        dqb += _load_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, BC)
+        dkf += _load_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, BC)
+        dkb += _mm(v_i, tl.trans(dR), PRECISION) * e_kb  # queries left of i, backward direction
+        b_dv = _load_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, BC) + _mm(k_i * e_kb, dR, PRECISION)
+        b_dv += _mm(tl.trans(D), do_i, PRECISION) + 2.0 * tl.sum(q_i * k_i, 1)[:, None] * do_i
+        dd = 2.0 * tl.sum(do_i * v_i, 1)[:, None]  # the diagonal pairs t = s, both directions
 
-        # Sub-chunk i as queries against the chunk's other keys (decayed to sub-chunk i's near edge).
-        dA = _mm(do_i, tl.trans(v_c), PRECISION)  # [BC, BT]
-        kf, kb = _keys_to_edges(k_c, gf_c, gb_c, before, after)
-        dqf += _mm(dA, kf, PRECISION) * tl.exp(Fl)
-        dqb += _mm(dA, kb, PRECISION) * tl.exp(Bl)
-
-        # Sub-chunk i as keys/values against the chunk's other queries, decayed to its near edge:
-        # exp(sum_{i1 < r <= t} g_fwd) after it, exp(sum_{t <= r < i0} g_bwd) before it.
-        qf = tl.where(after, q_c * tl.exp(tl.cumsum(tl.where(after, gf_c, 0.0), 0)), 0.0)
-        qb = tl.where(before, q_c * tl.exp(tl.cumsum(tl.where(before, gb_c, 0.0), 0, reverse=True)), 0.0)
-        el_f = tl.exp(Fl_after)
-        el_b = tl.exp(Bl_before)
-        A = _mm(qf, tl.trans(k_i * el_f), PRECISION)  # [BT, BC]
-        A += _mm(qb, tl.trans(k_i * el_b), PRECISION)
-        dAc = _mm(do_c, tl.trans(v_i), PRECISION)  # [BT, BC]
-        b_dv += _mm(tl.trans(A), do_c, PRECISION)
-        dkf += _mm(tl.trans(dAc), qf, PRECISION) * el_f
-        dkb += _mm(tl.trans(dAc), qb, PRECISION) * el_b
-
-        # The diagonal sub-chunk, its diagonal itself excepted.
-        D, dqf_d, dqb_d, dkf_d, dkb_d = _diag_grads(q_i, k_i, do_i, v_i, gf_i, gb_i, Fl, Bl, BC, BK, LIMIT,
-                                                    PRECISION)
-        b_dv += _mm(tl.trans(D), do_i, PRECISION)
-        dqf += dqf_d
-        dqb += dqb_d
-        dkf += dkf_d
-        dkb += dkb_d
-
-        # Gate gradients: dg_fwd[r] = sum_{t >= r} (q dq_f - k dk_f)_t, and dg_bwd[r] = -sum_{t > r}
-        # (q dq_b - k dk_b)_t since the latter sums to zero over the whole sequence.
         dFf = q_i * dqf - k_i * dkf
         dBb = q_i * dqb - k_i * dkb
-        b_dgf = tl.cumsum(dFf, 0, reverse=True) + run_f[None, :]
-        b_dgb = cross_b[None, :] - (tl.cumsum(dBb, 0, reverse=True) - dBb + run_b[None, :])
-        run_f += tl.sum(dFf, 0)
+        b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
+        b_dgb = run_b[None, :] + tl.cumsum(dBb, 0)
+        run_f -= tl.sum(dFf, 0)
         run_b += tl.sum(dBb, 0)
-
-        # The diagonal pairs t = s (both directions).
-        dd = 2.0 * tl.sum(do_i * v_i, 1)[:, None]
-        b_dv += 2.0 * tl.sum(q_i * k_i, 1)[:, None] * do_i
         _store_rows(dq, bdk, r0, T, HK, o_k, m_k, (dqf + dqb + dd * k_i) * scale, BC)
         _store_rows(dk, bdk, r0, T, HK, o_k, m_k, (dkf + dkb + dd * q_i) * scale, BC)
         _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BC)
         _store_rows(dgf, bdk, r0, T, HK, o_k, m_k, b_dgf * scale, BC)
         _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, BC)
+        S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(k_i * tl.exp(tot_f[None, :] - Fl)), v_i, PRECISION)
+        dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
+
+
+@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
+@triton.jit
+def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
+                        q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
+                        K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """The states at every segment's edges, one scan per program (BT-token steps): axis 2 picks the forward
+    state entering from the left, the backward state entering from the right and (WITH_GRAD) the gradients
+    of the forward state at the segment's last token and of the backward state at its first. do is
+    contiguous."""
+    i_v, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_b64 = i_b.to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    bq = i_b64 * q_sb + i_h * K
+    bk = i_b64 * k_sb + i_h * K
+    bv = i_b64 * v_sb + i_h * V
+    bgf = i_b64 * gf_sb + i_h * K
+    bgb = i_b64 * gb_sb + i_h * K
+    bdo = (i_b64 * T * H + i_h) * V
+    CPS: tl.constexpr = SEG // BT  # scan steps per segment
+    h = tl.zeros([BK, BV], tl.float32)
+    if (i_d == 0) | (i_d == 3):  # left to right: forward state (k, v, g_fwd) or backward-state gradient (q, do, g_bwd)
+        for n in range(0, NS - 1):
+            offs, m_s = _state_offsets(i_bh, n, NS, o_k, m_k, o_v, m_v, K, V)
+            if i_d == 0:
+                tl.store(hf_states + offs, h, mask=m_s)
+                for c in range(0, CPS):
+                    h = _scan_step(h, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, n * CPS + c, T, o_k, m_k, o_v, m_v,
+                                   BT, False, False, PRECISION)
+            elif WITH_GRAD:
+                tl.store(dhb_states + offs, h, mask=m_s)
+                for c in range(0, CPS):
+                    h = _scan_step(h, q, bq, q_st, gb, bgb, gb_st, do, bdo, H * V, n * CPS + c, T, o_k, m_k, o_v,
+                                   m_v, BT, False, True, PRECISION)
+        offs, m_s = _state_offsets(i_bh, NS - 1, NS, o_k, m_k, o_v, m_v, K, V)
+        if i_d == 0:
+            tl.store(hf_states + offs, h, mask=m_s)
+        elif WITH_GRAD:
+            tl.store(dhb_states + offs, h, mask=m_s)
+    else:  # right to left: backward state (k, v, g_bwd) or forward-state gradient (q, do, g_fwd)
+        for j in range(0, NS - 1):
+            n = NS - 1 - j
+            offs, m_s = _state_offsets(i_bh, n, NS, o_k, m_k, o_v, m_v, K, V)
+            if i_d == 1:
+                tl.store(hb_states + offs, h, mask=m_s)
+                for c in range(0, CPS):
+                    h = _scan_step(h, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, n * CPS + CPS - 1 - c, T, o_k, m_k,
+                                   o_v, m_v, BT, True, False, PRECISION)
+            elif WITH_GRAD:
+                tl.store(dhf_states + offs, h, mask=m_s)
+                for c in range(0, CPS):
+                    h = _scan_step(h, q, bq, q_st, gf, bgf, gf_st, do, bdo, H * V, n * CPS + CPS - 1 - c, T, o_k,
+                                   m_k, o_v, m_v, BT, True, True, PRECISION)
+        offs, m_s = _state_offsets(i_bh, 0, NS, o_k, m_k, o_v, m_v, K, V)
+        if i_d == 1:
+            tl.store(hb_states + offs, h, mask=m_s)
+        elif WITH_GRAD:
+            tl.store(dhf_states + offs, h, mask=m_s)
 
 
 def _head_strided(x: torch.Tensor) -> torch.Tensor:
@@ -520,8 +469,18 @@ def _kernel_args(q, k, v, g_fwd, g_bwd):
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 64)
     strides = [s for x in (q, k, v, g_fwd, g_bwd) for s in (x.stride(0), x.stride(1))]
-    common = dict(K=K, V=V, BT=CHUNK, BK=BK, BV=BV, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
-    return B, T, H, K, V, triton.cdiv(V, BV), triton.cdiv(T, CHUNK), strides, common
+    common = dict(K=K, V=V, SEG=SEGMENT, BK=BK, BV=BV, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
+    return B, T, H, K, V, triton.cdiv(V, BV), triton.cdiv(T, SEGMENT), strides, common
+
+
+def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds: int) -> list[torch.Tensor]:
+    """The states at the segments' edges from the scan kernel: 2 kinds (forward pass) or 4 (backward)."""
+    B, K, V = q.shape[0], common["K"], common["V"]
+    states = [torch.empty(B * H, NS, K, V, dtype=torch.float32, device=q.device) for _ in range(kinds)]
+    hf, hb, dhf, dhb = states if kinds == 4 else (*states, *states)
+    bigla_states_kernel[(NV, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, hf, hb, dhf, dhb, *strides, T, NS, H,
+                                            BT=SCAN_CHUNK, WITH_GRAD=kinds == 4, **common)
+    return states
 
 
 def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
@@ -531,18 +490,15 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     q, k, v share one dtype (fp32, bf16 or fp16); the gates may have any float dtype (read as fp32).
     """
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
-    B, T, H, K, V, NV, NT, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
+    B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     o = output_buffer((B, T, H, V), q.dtype, q.device)
-    states_in_memory = NT > MAX_RECOMPUTED_CHUNKS
-    if states_in_memory:
-        hf, hb = (torch.empty(B * H, NT, K, V, dtype=torch.float32, device=q.device) for _ in range(2))
-        bigla_states_kernel[(NV, B * H, 2)](q, k, v, o, g_fwd, g_bwd, hf, hb, hf, hb, *strides, T, NT, H,
-                                            WITH_GRAD=False, **common)
+    o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    if NS > 1:
+        hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds=2)
     else:
-        hf = hb = o  # not read
-    bigla_fwd_kernel[(NV, NT, B * H)](q, k, v, g_fwd, g_bwd, o, hf, hb, *strides, 0.5 * scale, T, NT, H,
-                                      BC=SUB_CHUNK, STATES_IN_MEMORY=states_in_memory, LIMIT=DIAG_MATMUL_LIMIT,
-                                      **common)
+        hf = hb = o_bwd  # not read
+    bigla_fwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, o, o_bwd, hf, hb, *strides, 0.5 * scale, T, NS, H,
+                                      BC=SUB_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT, **common)
     return o.to(q.dtype)
 
 
@@ -551,22 +507,21 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     """Gradients (dq, dk, dv, dg_fwd, dg_bwd) of chunk_bigla_fwd, each in its input's dtype."""
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
     do = do.to(q.dtype).contiguous()
-    B, T, H, K, V, NV, NT, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
+    B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     dv = output_buffer((B, T, H, V), v.dtype, q.device)
     if NV == 1:
         dq, dk, dgf, dgb = (output_buffer((B, T, H, K), x.dtype, q.device) for x in (q, k, g_fwd, g_bwd))
     else:  # partial sums over value blocks
         dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(4))
-    states_in_memory = NT > MAX_RECOMPUTED_CHUNKS
-    if states_in_memory:
-        hf, hb, dhf, dhb = (torch.empty(B * H, NT, K, V, dtype=torch.float32, device=q.device) for _ in range(4))
-        bigla_states_kernel[(NV, B * H, 4)](q, k, v, do, g_fwd, g_bwd, hf, hb, dhf, dhb, *strides, T, NT, H,
-                                            WITH_GRAD=True, **common)
+    dq_bwd, dk_fwd = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    if NS > 1:
+        hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds=4)
     else:
-        hf = hb = dhf = dhb = dv  # not read
-    bigla_bwd_kernel[(NV, NT, B * H)](q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, hf, hb, dhf, dhb, *strides,
-                                      0.5 * scale, T, NT, H, B * T * H * K, BC=SUB_CHUNK,
-                                      STATES_IN_MEMORY=states_in_memory, LIMIT=DIAG_MATMUL_LIMIT, **common)
+        hf = hb = dhf = dhb = dv_fwd  # not read
+    bigla_bwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
+                                      hf, hb, dhf, dhb, *strides, 0.5 * scale, T, NS, H, B * T * H * K,
+                                      BC=SUB_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT, **common)
     if NV > 1:
         dq, dk, dgf, dgb = (x.sum(0) for x in (dq, dk, dgf, dgb))
     return tuple(x.to(ref.dtype) for x, ref in ((dq, q), (dk, k), (dv, v), (dgf, g_fwd), (dgb, g_bwd)))
