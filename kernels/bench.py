@@ -158,6 +158,20 @@ def bench_norm_mix(device: torch.device) -> dict[str, float]:
     return result
 
 
+def warm_up(dtypes: list[str], device: torch.device) -> None:
+    """Compile (and autotune, on tiny shapes) every kernel the benchmark runs, one or two segments long.
+
+    Run it with FLA_CACHE_RESULTS=0 VIG_BIGLA_AUTOTUNE_CACHE=0 (e.g. beside other GPU work): the compiled
+    kernels land in Triton's cache for the timed run, which then autotunes on its own shapes quickly.
+    """
+    for dtype_name in dtypes:
+        for T in (196, 600):
+            inputs = [x.requires_grad_() for x in _inputs(2, T, 3, DTYPES[dtype_name], device)]
+            for fn in (bigla, fla_chunk_stacked, fla_recurrent):
+                torch.autograd.grad(fn(*inputs), inputs, torch.randn_like(inputs[2]))
+        print(f"warm-up {dtype_name} done", flush=True)
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -185,10 +199,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="B x T pairs, e.g. 256x196")
     parser.add_argument("--no-recurrent", action="store_true", help="skip the (slow) fused_recurrent baseline")
     parser.add_argument("--no-epilogue", action="store_true", help="skip the norm_mix epilogue timing")
+    parser.add_argument("--warm-up", action="store_true", help="only compile every kernel (see warm_up)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
+    if args.warm_up:
+        return warm_up(args.dtypes, device)
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,

@@ -41,15 +41,18 @@ DIAG_MATMUL_LIMIT = 40.0
 
 
 # Keep autotuning results in Triton's cache directory where this Triton can (3.2+): later processes skip it.
-AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+# VIG_BIGLA_AUTOTUNE_CACHE=0 keeps only the compiled kernels (e.g. when compiling ahead on a busy GPU).
+AUTOTUNE_CACHE = ({"cache_results": os.environ.get("VIG_BIGLA_AUTOTUNE_CACHE", "1") == "1"}
+                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def _autotune_configs(stages: tuple[int, ...]) -> list[triton.Config]:
+def _autotune_configs(num_stages: int) -> list[triton.Config]:
+    # Only the warp count is searched: each config is another compile of a large kernel.
     # The interpreter cannot benchmark configs (no GPU driver); VIG_BIGLA_AUTOTUNE=0 skips the search
     # where compile time matters more than speed (tests).
     if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
-        return [triton.Config({}, num_warps=4, num_stages=stages[0])]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
+        return [triton.Config({}, num_warps=4, num_stages=num_stages)]
+    return [triton.Config({}, num_warps=w, num_stages=num_stages) for w in (4, 8)]
 
 
 @triton.jit
@@ -216,7 +219,7 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
     return q_i, k_i, v_i, gf_i, gb_i
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1, 2)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
@@ -284,7 +287,7 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
         h = h * tl.exp(tot)[:, None] + _mm(tl.trans(k_i * tl.exp(tot[None, :] - Fl)), v_i, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1, 2)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
@@ -392,7 +395,7 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, 
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2, 3)), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
                         q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
