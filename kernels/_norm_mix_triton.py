@@ -7,7 +7,7 @@ import triton.language as tl
 
 from kernels.triton_utils import output_buffer
 
-ROW_BLOCK_ELEMENTS = 4096  # rows per program = this / padded D
+ROW_BLOCK_ELEMENTS = 1024  # rows per program = this / padded D (4096 spilled registers in the backward)
 
 
 @triton.jit
