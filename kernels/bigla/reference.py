@@ -7,7 +7,8 @@ so nothing overflows however negative the gates are. The reverse direction is th
 the time-reversed sequence with the backward gates, which is exactly the right-to-left recurrence of
 the operator's definition.
 
-Cost per (batch, head): O(T·C·K) for the intra-chunk decays and O((T/C)²·K + (T/C)·K·V) across chunks.
+Cost per (batch, head): O(T·C·K) for the intra-chunk decays and O((T/C)²·K·V) for the chunk-to-chunk
+state sums, so C = 16 suits sequences up to a few thousand tokens (ViG at 224²: 196 to 3136).
 """
 from __future__ import annotations
 
