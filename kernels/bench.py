@@ -43,15 +43,16 @@ class Row:
     dtype: str
     ours_fwd_ms: float
     ours_fwdbwd_ms: float
-    fla_chunk_fwd_ms: float
-    fla_chunk_fwdbwd_ms: float
+    fla_chunk_fwd_ms: float | None
+    fla_chunk_fwdbwd_ms: float | None
     fla_recurrent_fwd_ms: float | None
     fla_recurrent_fwdbwd_ms: float | None
     floor_fwd_ms: float
     floor_fwdbwd_ms: float
-    rel_diff_vs_fla_chunk: float
+    rel_diff_vs_fla_chunk: float | None
     ours_first_call_s: float
     ours_kernel_ms: dict[str, float]
+    ours_configs: dict[str, str]
 
 
 def _time_ms(fn) -> float:
@@ -117,7 +118,7 @@ def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[f
     return fwd, fwdbwd
 
 
-def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, recurrent: bool,
+def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, baselines: bool, recurrent: bool,
               device: torch.device) -> Row:
     H, dtype = MODEL_HEADS[model], DTYPES[dtype_name]
     inputs = _inputs(B, T, H, dtype, device)
@@ -129,20 +130,30 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, rec
         ours = bigla(*inputs).float()
     torch.cuda.synchronize()
     first_call_s = time.perf_counter() - start
-    with torch.no_grad():
-        ref = fla_chunk_stacked(*inputs).float()
-    rel_diff = ((ours - ref).norm() / ref.norm()).item()
+    rel_diff = None
+    if baselines:
+        with torch.no_grad():
+            ref = fla_chunk_stacked(*inputs).float()
+        rel_diff = ((ours - ref).norm() / ref.norm()).item()
     leaves = [x.detach().requires_grad_() for x in inputs]
     kernels_ms = kernel_times(lambda: torch.autograd.grad(bigla(*leaves), leaves, do))
     ours_fwd, ours_fwdbwd = _fwd_and_fwdbwd(bigla, inputs, do)
-    chunk_fwd, chunk_fwdbwd = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do)
-    rec_fwd, rec_fwdbwd = _fwd_and_fwdbwd(fla_recurrent, inputs, do) if recurrent else (None, None)
+    chunk_fwd, chunk_fwdbwd = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do) if baselines else (None, None)
+    rec_fwd, rec_fwdbwd = _fwd_and_fwdbwd(fla_recurrent, inputs, do) if baselines and recurrent else (None, None)
     n, size = B * T * H, dtype.itemsize
     fwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size  # q, k, g_fwd, g_bwd, v in; o out
     bwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size + n * (4 * KEY_DIM + VALUE_DIM) * size  # + do in; grads out
     return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, rec_fwd, rec_fwdbwd,
                fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff, first_call_s,
-               kernels_ms)
+               kernels_ms, _chosen_configs())
+
+
+def _chosen_configs() -> dict[str, str]:
+    """The config each of our autotuned kernels picked for its latest key."""
+    from kernels.bigla import chunk
+
+    kernels = (chunk.bigla_fwd_kernel, chunk.bigla_bwd_kernel, chunk.bigla_states_kernel)
+    return {k.fn.__name__: str(k.best_config) for k in kernels if getattr(k, "best_config", None) is not None}
 
 
 def bench_norm_mix(device: torch.device) -> dict[str, float]:
@@ -176,6 +187,10 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _ratio(baseline: float | None, ours: float) -> str:
+    return "-" if baseline is None else f"{baseline / ours:.2f}"
+
+
 TABLE_HEADER = ("B", "T", "model", "dtype", "ours fwd", "ours f+b", "chunk fwd", "chunk f+b", "rec fwd", "rec f+b",
                 "x chunk fwd", "x chunk f+b", "floor fwd", "floor f+b", "diff", "compile s")
 
@@ -184,9 +199,10 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         print(" | ".join([str(r.B), str(r.T), r.model, r.dtype, _fmt(r.ours_fwd_ms), _fmt(r.ours_fwdbwd_ms),
                           _fmt(r.fla_chunk_fwd_ms), _fmt(r.fla_chunk_fwdbwd_ms), _fmt(r.fla_recurrent_fwd_ms),
-                          _fmt(r.fla_recurrent_fwdbwd_ms), f"{r.fla_chunk_fwd_ms / r.ours_fwd_ms:.2f}",
-                          f"{r.fla_chunk_fwdbwd_ms / r.ours_fwdbwd_ms:.2f}", _fmt(r.floor_fwd_ms),
-                          _fmt(r.floor_fwdbwd_ms), f"{r.rel_diff_vs_fla_chunk:.1e}", f"{r.ours_first_call_s:.0f}"]),
+                          _fmt(r.fla_recurrent_fwdbwd_ms), _ratio(r.fla_chunk_fwd_ms, r.ours_fwd_ms),
+                          _ratio(r.fla_chunk_fwdbwd_ms, r.ours_fwdbwd_ms), _fmt(r.floor_fwd_ms),
+                          _fmt(r.floor_fwdbwd_ms), "-" if r.rel_diff_vs_fla_chunk is None else
+                          f"{r.rel_diff_vs_fla_chunk:.1e}", f"{r.ours_first_call_s:.0f}"]),
               flush=True)
 
 
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES],
                         help="B x T pairs, e.g. 256x196")
+    parser.add_argument("--no-baselines", action="store_true", help="time ours only (no fla needed)")
     parser.add_argument("--no-recurrent", action="store_true", help="skip the (slow) fused_recurrent baseline")
     parser.add_argument("--no-epilogue", action="store_true", help="skip the norm_mix epilogue timing")
     parser.add_argument("--warm-up", action="store_true", help="only compile every kernel (see warm_up)")
@@ -219,9 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models:
             for dtype_name in args.dtypes:
                 print(f"B{B} T{T} {model} {dtype_name}:", flush=True)
-                rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_recurrent, device))
+                rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_baselines,
+                                      not args.no_recurrent, device))
                 print("    our kernels, fwd+bwd (ms/call):",
-                      {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()}, flush=True)
+                      {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()}, rows[-1].ours_configs,
+                      flush=True)
                 report["rows"].append(asdict(rows[-1]))
                 _write_json(report, args.out)  # after every row: a cut-off run keeps what it measured
                 torch.cuda.empty_cache()

@@ -5,7 +5,9 @@
 
 over the last dim (a head's channels); rmsnorm(x) = x / sqrt(mean(x^2) + eps); act is swish (x * sigmoid(x))
 or the identity. On CUDA one Triton kernel reads o, local and gate once and writes the result once (and
-one more for the backward); elsewhere the PyTorch composition below, which is also the tests' reference.
+one more for the backward): eager calls go through a torch.autograd.Function, torch.compile sees the
+custom op `torch.ops.vig_kernels.norm_mix`. Elsewhere the PyTorch composition below, which is also the
+tests' reference.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def norm_mix(o: Tensor, local: Tensor, gate: Tensor, o_weight: Tensor, local_wei
         if w.shape != o.shape[-1:]:
             raise ValueError(f"norm_mix: {name} has shape {tuple(w.shape)}, expected ({o.shape[-1]},)")
     if o.is_cuda and TRITON_AVAILABLE:
-        return torch.ops.vig_kernels.norm_mix(o, local, gate, o_weight, local_weight, float(eps), bool(swish))
+        if torch.compiler.is_compiling():
+            return torch.ops.vig_kernels.norm_mix(o, local, gate, o_weight, local_weight, float(eps), bool(swish))
+        return NormMixFunction.apply(o, local, gate, o_weight, local_weight, float(eps), bool(swish))
     return norm_mix_reference(o, local, gate, o_weight, local_weight, eps, swish)
 
 
@@ -90,5 +94,25 @@ def _backward(ctx, dy: Tensor):
 
 
 norm_mix_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+class NormMixFunction(torch.autograd.Function):
+    """The eager-mode twin of the custom op (whose host-side dispatch costs more than the kernel)."""
+
+    @staticmethod
+    def forward(ctx, o, local, gate, o_weight, local_weight, eps: float, swish: bool) -> Tensor:
+        from kernels._norm_mix_triton import norm_mix_fwd
+
+        ctx.save_for_backward(o, local, gate, o_weight, local_weight)
+        ctx.eps, ctx.swish = eps, swish
+        return norm_mix_fwd(_rows(o), _rows(local), _rows(gate), o_weight, local_weight, eps, swish).view(o.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        from kernels._norm_mix_triton import norm_mix_bwd
+
+        saved = ctx.saved_tensors
+        grads = norm_mix_bwd(_rows(dy), *(_rows(x) for x in saved[:3]), *saved[3:], ctx.eps, ctx.swish)
+        return (*(g.view(x.shape) for g, x in zip(grads, saved)), None, None)
 
 __all__ = ["norm_mix", "norm_mix_reference"]

@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.bigla import naive_recurrent_bigla  # noqa: E402
-from kernels.norm_mix import norm_mix_reference  # noqa: E402
+from kernels.bigla.op import bigla_triton  # noqa: E402
+from kernels.norm_mix import NormMixFunction, norm_mix_reference  # noqa: E402
 
 GRAD_NAMES = ("dq", "dk", "dv", "dg_fwd", "dg_bwd")
 # Relative RMS error bound per input dtype; fp32 runs tf32x3 matmuls on the GPU (fp32-accurate).
@@ -99,7 +100,7 @@ def _gradients(outputs: torch.Tensor, inputs: list[torch.Tensor], do: torch.Tens
 def relative_errors(case: Case, device: str) -> dict[str, float]:
     """Error of o and of each gradient, as ||ours - naive|| / (||naive|| + ABS_FLOOR / tol) in RMS terms."""
     inputs, do = make_inputs(case, device)
-    o = torch.ops.vig_kernels.bigla(*inputs, case.K**-0.5)
+    o = bigla_triton(*inputs, case.K**-0.5)  # eager: the autograd.Function (opcheck/compile cover the op)
     ours = [o, *_gradients(o, inputs, do)]
     ref_out = naive_recurrent_bigla(*inputs)
     refs = [ref_out, *_gradients(ref_out, inputs, do)]
@@ -128,8 +129,8 @@ def check_compile(device: str) -> float:
     case = Case(1, 20, 2, 16, 32, torch.float32, "vig")
     inputs, do = make_inputs(case, device)
 
-    def block(q, k, v, g_fwd, g_bwd):
-        return torch.ops.vig_kernels.bigla(q * 2.0, k, v.relu(), g_fwd, g_bwd, 0.25).tanh()
+    def block(q, k, v, g_fwd, g_bwd):  # compiled: the custom op; eager: the autograd.Function
+        return bigla_triton(q * 2.0, k, v.relu(), g_fwd, g_bwd, 0.25).tanh()
 
     backend = "inductor" if device == "cuda" else "aot_eager"  # no C++ toolchain needed on CPU
     compiled = torch.compile(block, backend=backend, fullgraph=True)
@@ -151,7 +152,9 @@ def check_norm_mix(device: str, dtype: torch.dtype, swish: bool) -> dict[str, fl
     inputs += [w.to(device).requires_grad_() for w in weights]
     tol = TOLERANCE[dtype]
     errors = {}
-    y = torch.ops.vig_kernels.norm_mix(*inputs, 1e-6, swish)
+    y = NormMixFunction.apply(*inputs, 1e-6, swish)
+    y_op = torch.ops.vig_kernels.norm_mix(*inputs, 1e-6, swish)
+    assert torch.equal(y, y_op), "the custom op and the autograd.Function differ"
     ref = norm_mix_reference(*inputs, 1e-6, swish)
     outs = [y, *_gradients(y, inputs, dy)]
     refs = [ref, *_gradients(ref, inputs, dy)]

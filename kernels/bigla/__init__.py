@@ -7,9 +7,9 @@ q, k, g_fwd, g_bwd: [B, T, H, K]; v: [B, T, H, V]; gates are log-space forget ga
     R_t = diag(exp(g_bwd[t])) R_{t+1} + k_tᵀ v_t      (right to left, R_{T+1} = 0)
     o_t = ½ · scale · q_t (S_t + R_t)                  (scale defaults to K^-0.5)
 
-On CUDA tensors it runs the Triton kernels (kernels/bigla/chunk.py) through the custom op
-`torch.ops.vig_kernels.bigla` (autograd and torch.compile see one op); elsewhere, and for heads wider
-than the kernels hold (K > 128), the PyTorch chunked implementation.
+On CUDA tensors it runs the Triton kernels (kernels/bigla/chunk.py; under torch.compile as the custom op
+`torch.ops.vig_kernels.bigla`, so the graph stays whole); elsewhere, and for heads wider than the
+kernels hold (K > 128), the PyTorch chunked implementation.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from kernels.bigla import op  # noqa: F401  (registers torch.ops.vig_kernels.*)
 from kernels.bigla.naive import naive_recurrent_bigla
+from kernels.bigla.op import bigla_triton
 from kernels.bigla.reference import chunked_bigla
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -50,7 +50,7 @@ def bigla(
     q, k, v = (x.to(dtype) for x in (q, k, v))
     if q.is_cuda and TRITON_AVAILABLE and dtype in TRITON_DTYPES:
         if q.shape[-1] <= MAX_TRITON_KEY_DIM:
-            return torch.ops.vig_kernels.bigla(q, k, v, g_fwd, g_bwd, scale)
+            return bigla_triton(q, k, v, g_fwd, g_bwd, scale)
         warnings.warn(
             f"bigla: key head dim {q.shape[-1]} > {MAX_TRITON_KEY_DIM}; using the (slower) PyTorch implementation",
             stacklevel=2,

@@ -47,11 +47,15 @@ AUTOTUNE_CACHE = ({"cache_results": os.environ.get("VIG_BIGLA_AUTOTUNE_CACHE", "
 
 
 def _autotune_configs(num_stages: int) -> list[triton.Config]:
-    # Only the warp count is searched: each config is another compile of a large kernel.
-    # The interpreter cannot benchmark configs (no GPU driver); VIG_BIGLA_AUTOTUNE=0 skips the search
-    # where compile time matters more than speed (tests).
+    """Configs to search: 4 and 8 warps at num_stages by default (each config is another compile of a
+    large kernel); VIG_BIGLA_CONFIGS="warps:stages,..." replaces the list (tuning runs). The interpreter
+    cannot benchmark configs (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time
+    matters more than speed (tests): one config each."""
     if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
         return [triton.Config({}, num_warps=4, num_stages=num_stages)]
+    if os.environ.get("VIG_BIGLA_CONFIGS"):
+        pairs = [item.split(":") for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
+        return [triton.Config({}, num_warps=int(w), num_stages=int(s)) for w, s in pairs]
     return [triton.Config({}, num_warps=w, num_stages=num_stages) for w in (4, 8)]
 
 
