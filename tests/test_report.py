@@ -146,3 +146,18 @@ def test_runs_of_another_pipeline_are_used_only_when_none_has_this_id(tmp_path, 
     inputs = report.gather(tmp_path, {**PARAMS, "experiment": "fallback"}, store, "pipe-A", "c0ffee")
     assert inputs.runs["pretrain"].run_id == run_id and inputs.curves == {"train/loss": [(0, 2.0), (1, 1.0)]}
     assert "no run is tagged pipeline_id=pipe-A" in inputs.run_selection
+
+
+def test_memory_claim_is_checked_against_peak_memory_of_a_gpu_run():
+    """Real H200 cells (vig_tiny vs DeiT-T at 1024, fused and plain attention): the memory claim gets a verdict."""
+    benchmark = json.loads((FIXTURES / "benchmark_full_h200_1024.json").read_text())
+    claim = next(c for c in report.PAPER_SPEED_CLAIMS if c.quantity == "memory_saving")
+    rows = [row for row in report.claim_rows(benchmark) if row[0] == claim.text]
+    assert len(rows) == 4
+    for ratio in (r for r in benchmark["ratios"] if r["resolution"] == 1024):
+        row = next(row for row in rows if row[2] == f"vs {ratio['baseline']}" and row[3] == ratio["dtype"])
+        saving = 1 - ratio["memory_ratio"]
+        percent = round(100 * saving)
+        assert row[4] == (f"{percent}% less" if percent >= 0 else f"{-percent}% more")
+        expected = "holds" if saving >= claim.paper else f"falls short by {100 * (claim.paper - saving):.0f} points"
+        assert row[5] == expected

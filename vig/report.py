@@ -381,7 +381,10 @@ def claim_rows(benchmark: dict[str, Any]) -> list[list[Any]]:
 def _claim_value(claim: SpeedClaim, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}x" if claim.quantity == "speedup" else f"{100 * value:.0f}% less"
+    if claim.quantity == "speedup":
+        return f"{value:.2f}x"
+    percent = round(100 * value)
+    return f"{percent}% less" if percent >= 0 else f"{-percent}% more"
 
 
 def _verdict(claim: SpeedClaim, ours: float) -> str:
