@@ -194,3 +194,45 @@ def test_config_rejects_unknown_dtype_and_duplicate_labels():
     spec = benchmark.ModelSpec("vig_tiny", "same")
     with pytest.raises(ValueError, match="labels must be unique"):
         tiny_config(models=(spec, spec))
+
+
+def test_stage_params_with_a_trained_checkpoint_and_the_cpu_sweep(tmp_path):
+    from vig.engine import state
+
+    model_config = {"name": "vig_tiny", "num_classes": 10, "drop_path_rate": 0.0,
+                    "kwargs": {"img_size": 32, **{k: v for k, v in TINY.items() if k != "num_classes"}}}  # fmt: skip
+    trained = state.create_model(model_config)
+    (tmp_path / "checkpoints").mkdir()
+    weights = state.weights(model_config, trained, None, epoch=1, step=1, metrics={})
+    state.save(weights, tmp_path / "checkpoints/best.pt")
+    params = {
+        "models": ["vig_tiny", "vig_small"], "checkpoint": "checkpoints/best.pt",
+        "baselines": ["deit_tiny_patch16_224", "deit_base_patch16_224"], "attention": ["fused", "plain"],
+        "dtypes": ["fp32", "fp16", "bf16"],
+        "eval": {"resolutions": [224, 1024], "batch_sizes": [256, 16], "warmup": 50, "iters": 30},
+        "train": {"dtype": "bf16", "resolutions": [224], "batch_sizes": [128], "warmup": 10, "iters": 20},
+        "max_seconds": None, "profile": False, "threads": None,
+        "cpu": {"models": ["vig_tiny"], "baselines": ["deit_tiny_patch16_224"], "dtypes": ["fp32"],
+                "eval": {"resolutions": [64], "batch_sizes": [2], "warmup": 1, "iters": 2}, "threads": 1},
+    }  # fmt: skip
+    gpu = benchmark.config_from_params(params, "cuda", tmp_path)
+    assert [s.label for s in gpu.models] == ["vig_tiny", "vig_small", "trained_vig_tiny", "deit_tiny_fused",
+                                             "deit_tiny_plain", "deit_base_fused", "deit_base_plain"]  # fmt: skip
+    assert gpu.eval_cases == ((224, 256), (1024, 16)) and gpu.warmup == 50 and gpu.threads is None
+    cpu = benchmark.config_from_params(params, "cpu", tmp_path)
+    assert [s.label for s in cpu.models] == ["vig_tiny", "trained_vig_tiny", "deit_tiny_fused", "deit_tiny_plain"]
+    assert cpu.eval_cases == ((64, 2),) and cpu.dtypes == ("fp32",) and cpu.train_cases == ((224, 128),)
+    assert cpu.threads == 1
+
+    spec = cpu.models[1]
+    model = benchmark.build_model(spec, 64)  # trained at 32 px: the position embedding is resampled to 16x16
+    assert model.pos_embed.shape == (1, 256, 32)
+    for name, value in trained.state_dict().items():
+        if name != "pos_embed":
+            assert torch.equal(model.state_dict()[name], value), name
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['batch'\]"):
+        benchmark.config_from_params({**params, "batch": 3}, "cuda", tmp_path)
+    with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
+        benchmark.config_from_params({**params, "checkpoint": "missing.pt"}, "cuda", tmp_path)
