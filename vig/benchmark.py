@@ -3,10 +3,11 @@
 Protocol (docs: BENCHMARK.md): eval mode, no gradients, one random batch on the device, `warmup`
 untimed passes, then `iters` passes timed between synchronisations (CUDA events on GPU);
 images/s = iters·batch / seconds. Each cell (model, mode, dtype, resolution, batch) is measured in
-fp32 or under autocast (fp16 / bf16), with the peak allocated memory after a reset. Training cells
-time a bf16-autocast forward + backward + AdamW step. Baselines (DeiT-T/S/B with PyTorch's fused
-attention and with plain attention) run in the same process, so every ratio compares numbers of
-one run on one device. A cell that runs out of device memory is recorded as skipped.
+fp32 or under autocast (fp16 / bf16), with the peak allocated memory of the timed passes (weights and
+input included, warm-up transients such as autotuning left out). Training cells time a bf16-autocast
+forward + backward + AdamW step. Baselines (DeiT-T/S/B with PyTorch's fused attention and with plain
+attention) run in the same process, so every ratio compares numbers of one run on one device. A cell
+that runs out of device memory is recorded as skipped.
 
 This module needs only torch and timm (plus matplotlib for plots): it is the `vig-bench` CLI and
 runs on machines without the pipeline's tracking stack. `stages.benchmark` adds params.yaml and MLflow.
@@ -287,6 +288,9 @@ def _run_passes(
     timed = iters
     if max_seconds is not None and warmup_seconds > 0:
         timed = max(1, min(iters, int(max_seconds / 2 / warmup_seconds)))
+    if device.type == "cuda":
+        # Peak memory of the steady state: Triton's autotuning allocates scratch copies during warm-up.
+        torch.cuda.reset_peak_memory_stats(device)
     with timer.measure() as elapsed:
         for _ in range(timed):
             step()
