@@ -109,7 +109,9 @@ class HierViGFeatures(nn.Module):
         if not out_indices or any(not 0 <= i < stages for i in out_indices):
             raise ValueError(f"out_indices {list(out_indices)} must index the trunk's {stages} stages")
         if not getattr(trunk, "feature_norms", False):
-            raise ValueError("HierViGFeatures needs the trunk's per-stage output norms: create it with feature_norms=True")
+            raise ValueError(
+                "HierViGFeatures needs the trunk's per-stage output norms: create it with feature_norms=True"
+            )
         self.trunk = trunk
         self.out_indices = list(out_indices)
         info = [trunk.feature_info[i] for i in self.out_indices]

@@ -46,7 +46,6 @@ class InitConfig:
 @dataclass
 class DenseDataConfig:
     shard_root: str = "shards"
-    layout: str = "data/layout.json"
     shuffle_buffer: int = 200
     loader_workers: int = 0
     preview_images: int = 4  # val images drawn in the predictions picture
@@ -141,7 +140,8 @@ class FinetuneSegConfig(_RunConfig):
         self._validate("finetune_seg")
         if self.optim.warmup_iters >= self.iterations:
             raise ValueError(
-                f"finetune_seg.optim.warmup_iters ({self.optim.warmup_iters}) must be below iterations ({self.iterations})"
+                f"finetune_seg.optim.warmup_iters ({self.optim.warmup_iters}) must be below "
+                f"finetune_seg.iterations ({self.iterations})"
             )
         return self
 
@@ -170,6 +170,7 @@ class EvaluateSegConfig:
     checkpoint: str = "checkpoints/finetune_seg/model.pt"
     device: str = "auto"
     precision: str = "auto"
+    batch_size: int = 1  # val images of one size in a batch go through the model together
     shard_root: str = "shards"
     # Single scale: the image is resized keeping its ratio to fit `scale` (long, short edge), predicted whole
     # or with a sliding window of `crop_size` / `stride` (h, w), and the logits resized back to the label map.

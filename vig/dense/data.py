@@ -67,6 +67,10 @@ class DenseShards:
         loader = make_loader(pipeline, batch_size, self.data.loader_workers, collate_fn=self.collate)
         return itertools.islice(loader, num_batches)
 
+    def val_head(self, transform: Callable[[Any, Any], tuple[Any, Any]] | None, count: int) -> list[Any]:
+        """The first `count` samples of this worker's val share (rank 0's share starts with the first shard)."""
+        return list(itertools.islice(self.pipeline(self.val_urls, transform, shuffle_buffer=0), count))
+
     def val_batches(self, transform: Callable[[Any, Any], tuple[Any, Any]] | None, batch_size: int) -> Iterable[Any]:
         """This worker's share of the val split, each sample exactly once, unshuffled, batched as lists
         (val images may differ in size). `transform` None: images only converted to float."""

@@ -3,7 +3,6 @@
 the model). See vig.dense.engine for the loop, checkpoints, resume and outputs."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ PREVIEW_SCORE_THRESH = 0.5
 
 class DetectionFinetuning(DenseFinetuning):
     section = SECTION
-    # RoI heads see no positive proposal in a batch without objects: their parameters then get no gradient.
-    find_unused_parameters = True
 
     def setup_data(self) -> None:
         self.shards = DenseShards(self.config.data, "detection", self.session.world_size)
@@ -68,7 +65,7 @@ class DetectionFinetuning(DenseFinetuning):
         return {"class_names": self.class_names}
 
     def preview(self, path: Path) -> None:
-        samples = list(itertools.islice(self.shards.pipeline(self.shards.val_urls, None), self.config.data.preview_images))
+        samples = self.shards.val_head(None, self.config.data.preview_images)
         save_png(detection_picture(self.model, samples, self.class_names, self.device, PREVIEW_SCORE_THRESH), path)
 
 

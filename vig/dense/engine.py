@@ -56,7 +56,7 @@ RESUME_NEUTRAL_KEYS = frozenset(
     {
         "backend", "max_failures", "resume", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
         "progress_bar", "fail_at_step", "out_dir", "metrics", "cpus_per_worker", "use_gpu", "data.shard_root",
-        "data.layout", "data.loader_workers", "data.preview_images", "init.path",
+        "data.loader_workers", "data.preview_images", "init.path",
     }
 )  # fmt: skip
 
@@ -127,14 +127,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], source: Path
         )
 
 
-def _plain(value: Any, device: torch.device) -> Any:
+def plain_tensors(value: Any, device: torch.device | str) -> Any:
     """tv_tensors -> plain tensors on `device` (torchvision models expect plain tensors); others unchanged."""
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor).to(device, non_blocking=True)
     if isinstance(value, dict):
-        return {k: _plain(v, device) for k, v in value.items()}
+        return {k: plain_tensors(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, device) for v in value)
+        return type(value)(plain_tensors(v, device) for v in value)
     return value
 
 
@@ -142,7 +142,6 @@ class DenseFinetuning:
     """One worker's share of a fine-tuning run; subclasses set `section` and implement the task hooks."""
 
     section: str = ""
-    find_unused_parameters: bool = False
 
     def __init__(self, config: Any, session: Session, run_log: RunLog) -> None:
         self.config = config
@@ -170,9 +169,7 @@ class DenseFinetuning:
         self.ddp: nn.Module = self.model
         if dist.is_initialized() and dist.get_world_size() > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
-            )
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.step = 0
         self.history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epochs": []}
         self.started = time.perf_counter()
@@ -280,14 +277,15 @@ class DenseFinetuning:
         for batch in batches:
             if fail_armed and self.step + 1 == self.config.fail_at_step:
                 raise InjectedFailure(f"fail_at_step={self.config.fail_at_step}: injected failure (test hook)")
-            batch = _plain(batch, self.device)
+            batch = plain_tensors(batch, self.device)
             with autocast(self.device, self.dtype):
                 terms = self.losses(batch)
             loss = sum(term.float() for term in terms.values())
             if not torch.isfinite(loss):
+                values = {key: term.item() for key, term in terms.items()}
                 raise FloatingPointError(
-                    f"{self.section}: non-finite loss {loss.item()} at step {self.step + 1} ({ {k: v.item() for k, v in terms.items()} }); "
-                    "lower optim.lr or set optim.clip_grad"
+                    f"{self.section}: non-finite loss at step {self.step + 1} ({values}): lower "
+                    f"{self.section}.optim.lr or set {self.section}.optim.clip_grad"
                 )
             self.scaler.scale(loss).backward()
             lr = self.optimizer.param_groups[0]["lr"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from vig.data.layout import read_layout
 from vig.dense.config import DenseDataConfig, EvaluateDetConfig, EvaluateSegConfig
 from vig.dense.data import DenseShards, ReduceZeroLabel
 from vig.dense.detection import MaskRCNNConfig, build_maskrcnn
-from vig.dense.engine import load_weights
+from vig.dense.engine import load_weights, plain_tensors
 from vig.dense.metrics import coco_evaluate, confusion_matrix, detections_to_coco, segmentation_scores
 from vig.dense.segmentation import UperNetConfig, UperNetSegmentor, slide_logits
 from vig.dense.transforms import fit_size
@@ -41,10 +40,6 @@ def _device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
-
-
-def _plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.as_subclass(torch.Tensor).to(device)
 
 
 # ------------------------------------------------------------------------------------------ detection
@@ -71,7 +66,7 @@ def detection_results(
     results: list[dict[str, Any]] = []
     for images, targets in batches:
         with autocast(device, dtype):
-            outputs = model([_plain(image, device) for image in images])
+            outputs = model([plain_tensors(image, device) for image in images])
         for target, output in zip(targets, outputs):
             output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
             results += detections_to_coco(target["image_id"], output, mask_threshold)
@@ -88,8 +83,8 @@ def detection_picture(
 ) -> torch.Tensor:
     """Ground truth (top) and predictions (bottom) of a few val samples, as a uint8 image grid."""
     model.eval()
-    images = [_plain(image, "cpu") for image, _ in samples]
-    targets = [{k: _plain(v, "cpu") for k, v in t.items() if k in ("boxes", "labels", "masks")} for _, t in samples]
+    images = [plain_tensors(image, "cpu") for image, _ in samples]
+    targets = [{k: plain_tensors(t[k], "cpu") for k in ("boxes", "labels", "masks")} for _, t in samples]
     outputs = model([image.to(device) for image in images])
     outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
     return detection_preview(images, targets, outputs, class_names, score_thresh)
@@ -111,13 +106,14 @@ def evaluate_detection(config: EvaluateDetConfig) -> dict[str, Any]:
     dtype = autocast_dtype(config.precision, device)
     model = rebuild_detector(record).to(device)
     shards = DenseShards(DenseDataConfig(shard_root=config.shard_root), "detection", world_size=1)
-    results = detection_results(model, shards.val_batches(None, config.batch_size), device, dtype, config.mask_threshold)
+    batches = shards.val_batches(None, config.batch_size)
+    results = detection_results(model, batches, device, dtype, config.mask_threshold)
     coco_gt = coco_ground_truth(config.layout)
     scores, summary = coco_evaluate(coco_gt, results)
     metrics = {**scores, "images": len(coco_gt.getImgIds()), "detections": len(results)}
     write_json(config.metrics, metrics)
     class_names = {int(i): name for name, i in shards.class_index.items()}
-    samples = list(itertools.islice(shards.pipeline(shards.val_urls, None, shuffle_buffer=0), config.preview_images))
+    samples = shards.val_head(None, config.preview_images)
     save_png(detection_picture(model, samples, class_names, device, config.preview_score_thresh), config.plot)
     print(summary, flush=True)
     return metrics
@@ -137,19 +133,19 @@ def rebuild_segmentor(record: dict[str, Any]) -> UperNetSegmentor:
 @torch.no_grad()
 def segmentation_logits(
     model: UperNetSegmentor,
-    image: torch.Tensor,
+    images: torch.Tensor,
     scale: Sequence[int],
     window: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """[C, H, W] logits for one [3, H, W] image at its own size: resized to `scale` (keeping the ratio),
-    predicted whole, or with a sliding `window` = (crop size, stride), and resized back."""
-    height, width = image.shape[-2:]
-    resized = v2.functional.resize(image[None], fit_size(height, width, scale), antialias=True)
+    """[B, C, H, W] logits for same-size [B, 3, H, W] images at their own size: resized to `scale` (keeping
+    the ratio), predicted whole, or with a sliding `window` = (crop size, stride), and resized back."""
+    height, width = images.shape[-2:]
+    resized = v2.functional.resize(images, fit_size(height, width, scale), antialias=True)
     if window is None:
         logits = model(resized)
     else:
         logits = slide_logits(model, resized, model.num_classes, *window)
-    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
@@ -163,17 +159,22 @@ def segmentation_confusion(
     crop_size: Sequence[int],
     stride: Sequence[int],
 ) -> dict[str, torch.Tensor]:
-    """Per inference mode, the confusion matrix of `model` (put in eval mode) over the batches."""
+    """Per inference mode, the confusion matrix of `model` (put in eval mode) over the batches (lists of
+    images, which go through the model together where they have the same size)."""
     model.eval()
     confusion = {mode: torch.zeros(model.num_classes, model.num_classes, dtype=torch.long) for mode in modes}
     for images, labels in batches:
-        for image, label in zip(images, labels):
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_size.values():
+            stacked = torch.stack([plain_tensors(images[i], device) for i in indices])
             for mode in modes:
                 window = (crop_size, stride) if mode == "slide" else None
                 with autocast(device, dtype):
-                    logits = segmentation_logits(model, _plain(image, device), scale, window)
-                prediction = logits.float().argmax(0).cpu()
-                confusion[mode] += confusion_matrix(prediction, _plain(label, "cpu"), model.num_classes)
+                    predictions = segmentation_logits(model, stacked, scale, window).float().argmax(1).cpu()
+                for prediction, i in zip(predictions, indices):
+                    confusion[mode] += confusion_matrix(prediction, plain_tensors(labels[i], "cpu"), model.num_classes)
     return confusion
 
 
@@ -192,24 +193,24 @@ def segmentation_picture(
 ) -> torch.Tensor:
     """Image, ground-truth colours, predicted colours (whole-image inference) for a few val samples."""
     model.eval()
-    images = [_plain(image, "cpu") for image, _ in samples]
-    labels = [_plain(label, "cpu") for _, label in samples]
-    predictions = [
-        segmentation_logits(model, image.to(device), scale).argmax(0).cpu() for image in images
-    ]
+    images = [plain_tensors(image, "cpu") for image, _ in samples]
+    labels = [plain_tensors(label, "cpu") for _, label in samples]
+    predictions = [segmentation_logits(model, image[None].to(device), scale)[0].argmax(0).cpu() for image in images]
     return segmentation_preview(images, labels, predictions, model.num_classes)
 
 
 def evaluate_segmentation(config: EvaluateSegConfig) -> dict[str, Any]:
-    """mIoU / mAcc / aAcc per inference mode of the fine-tuned segmenter on the val shards; writes metrics and picture."""
+    """mIoU / mAcc / aAcc per inference mode of the fine-tuned segmenter on the val shards; writes the metrics
+    and the picture."""
     record = load_weights(config.checkpoint, "finetune_seg")
     device = _device(config.device)
     dtype = autocast_dtype(config.precision, device)
     model = rebuild_segmentor(record).to(device)
     shards = DenseShards(DenseDataConfig(shard_root=config.shard_root), "segmentation", world_size=1)
     transform = segmentation_transform(record["reduce_zero_label"])
+    batches = shards.val_batches(transform, config.batch_size)
     confusion = segmentation_confusion(
-        model, shards.val_batches(transform, 1), device, dtype, config.modes, config.scale, config.crop_size, config.stride
+        model, batches, device, dtype, config.modes, config.scale, config.crop_size, config.stride
     )
     class_names = record["class_names"]
     metrics: dict[str, Any] = {"images": shards.val_samples}
@@ -218,7 +219,7 @@ def evaluate_segmentation(config: EvaluateSegConfig) -> dict[str, Any]:
         per_class = dict(zip(class_names, scores.pop("IoU")))
         metrics[mode] = {**scores, "IoU": per_class}
     write_json(config.metrics, metrics)
-    samples = list(itertools.islice(shards.pipeline(shards.val_urls, transform, shuffle_buffer=0), config.preview_images))
+    samples = shards.val_head(transform, config.preview_images)
     save_png(segmentation_picture(model, samples, device, config.scale), config.plot)
-    print(json.dumps({mode: {k: v for k, v in m.items() if k != "IoU"} for mode, m in metrics.items() if mode != "images"}))
+    print(json.dumps({mode: {k: metrics[mode][k] for k in ("mIoU", "mAcc", "aAcc")} for mode in config.modes}))
     return metrics

@@ -53,7 +53,7 @@ def _results_coco(coco_gt: COCO, results: list[dict[str, Any]]) -> COCO:
             return coco_gt.loadRes(copy.deepcopy(results))
     # pycocotools' loadRes cannot take an empty list; an empty result set scores 0 everywhere.
     empty = COCO()
-    empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []}
+    empty.dataset = {key: coco_gt.dataset[key] for key in ("images", "categories")} | {"annotations": []}
     with contextlib.redirect_stdout(io.StringIO()):
         empty.createIndex()
     return empty

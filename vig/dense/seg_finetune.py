@@ -3,7 +3,6 @@
 photometric distortion). See vig.dense.engine for the loop, checkpoints, resume and outputs."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +76,8 @@ class SegmentationFinetuning(DenseFinetuning):
         return {"class_names": self.class_names, "reduce_zero_label": self.config.reduce_zero_label}
 
     def preview(self, path: Path) -> None:
-        samples = itertools.islice(self.shards.pipeline(self.shards.val_urls, self.val_transform), self.config.data.preview_images)
-        save_png(segmentation_picture(self.model, list(samples), self.device, self.config.scale), path)
+        samples = self.shards.val_head(self.val_transform, self.config.data.preview_images)
+        save_png(segmentation_picture(self.model, samples, self.device, self.config.scale), path)
 
 
 def segmentation_worker(loop_config: dict[str, Any]) -> None:
