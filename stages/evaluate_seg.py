@@ -31,7 +31,8 @@ def main() -> None:
         metrics = evaluate_segmentation(config)
         for mode in config.modes:
             mlflow.log_metrics({f"{mode}/{k}": metrics[mode][k] for k in ("mIoU", "mAcc", "aAcc")})
-            mlflow.log_metrics({f"{mode}/IoU/{metric_name(name)}": v for name, v in metrics[mode]["IoU"].items() if v is not None})
+            per_class = metrics[mode]["IoU"].items()
+            mlflow.log_metrics({f"{mode}/IoU/{metric_name(name)}": v for name, v in per_class if v is not None})
         mlflow.log_artifact(config.metrics, "metrics")
         mlflow.log_artifact(config.plot, "plots")
     print(f"{SECTION}: " + ", ".join(f"{mode} mIoU {metrics[mode]['mIoU']:.3f}" for mode in config.modes))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from pycocotools.coco import COCO
+from torchvision import tv_tensors
 
 import vig  # noqa: F401  (registers the ViG models)
 from dense_shards import write_dense_shards
@@ -16,6 +17,7 @@ from vig.dense.det_finetune import finetune_detection
 from vig.dense.detection import MaskRCNNConfig, build_maskrcnn
 from vig.dense.evaluation import evaluate_detection
 from vig.dense.metrics import coco_evaluate, detections_to_coco, encode_masks
+from vig.dense.transforms import detection_transform
 from vig.engine.config import from_dict
 from vig.tracking import stage_run
 
@@ -52,6 +54,21 @@ def test_maskrcnn_forward_backward_with_a_vig_backbone_on_cpu():
     for image, output in zip(images, outputs):
         assert output["masks"].shape[1:] == (1, *image.shape[-2:])  # pasted back at the input size
         assert len(output["boxes"]) <= SMALL_DETECTOR["box_detections_per_img"]
+
+
+def test_training_transform_drops_crowd_regions_and_flips_boxes_with_masks():
+    masks = torch.zeros(2, 20, 30, dtype=torch.uint8)
+    masks[0, 2:8, 3:9] = 1
+    target = {"boxes": tv_tensors.BoundingBoxes([[3.0, 2.0, 9.0, 8.0], [0.0, 0.0, 30.0, 20.0]], format="XYXY",
+                                                canvas_size=(20, 30)),
+              "labels": torch.tensor([4, 1]), "masks": tv_tensors.Mask(masks), "area": torch.tensor([36.0, 600.0]),
+              "iscrowd": torch.tensor([0, 1]), "image_id": 5}  # fmt: skip
+    image = tv_tensors.Image(torch.zeros(3, 20, 30, dtype=torch.uint8))
+    image, out = detection_transform(hflip_prob=1.0)(image, target)
+    assert image.dtype == torch.float32 and out["labels"].tolist() == [4] and out["iscrowd"].tolist() == [0]
+    assert out["boxes"].tolist() == [[21.0, 2.0, 27.0, 8.0]]  # x -> 30 - x
+    assert out["masks"].shape == (1, 20, 30) and out["masks"][0, 2:8, 21:27].all() and out["masks"].sum() == 36
+    assert out["image_id"] == 5
 
 
 def _ground_truth() -> tuple[COCO, list[dict]]:

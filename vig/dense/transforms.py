@@ -17,11 +17,30 @@ from torchvision.transforms import v2
 from vig.dense.segmentation import IGNORE_INDEX
 
 
+class DropCrowd:
+    """COCO crowd annotations (iscrowd=1) mark regions of many instances, not instances: no training targets."""
+
+    PER_OBJECT = ("boxes", "labels", "masks", "area", "iscrowd")
+
+    def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        keep = target["iscrowd"] == 0
+        if bool(keep.all()):
+            return image, target
+        kept = dict(target)
+        for key in self.PER_OBJECT:
+            value = target[key][keep]
+            is_tv_tensor = isinstance(target[key], tv_tensors.TVTensor)
+            kept[key] = tv_tensors.wrap(value, like=target[key]) if is_tv_tensor else value
+        return image, kept
+
+
 def detection_transform(hflip_prob: float = 0.5) -> v2.Transform:
-    """Training (image, target) -> float [0, 1] image and target, randomly flipped; degenerate boxes dropped."""
-    return v2.Compose(
-        [v2.RandomHorizontalFlip(hflip_prob), v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
-    )
+    """Training (image, target) -> float [0, 1] image and target without crowd regions, randomly flipped;
+    degenerate boxes dropped."""
+    return v2.Compose([
+        DropCrowd(), v2.RandomHorizontalFlip(hflip_prob), v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(),
+    ])  # fmt: skip
 
 
 def reduce_zero_label(label: torch.Tensor) -> torch.Tensor:
