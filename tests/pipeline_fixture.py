@@ -34,6 +34,25 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "data.embedded.detection": {"train": 24, "val": 8},
     "data.embedded.segmentation": {"train": 24, "val": 8},
     "shard.workers": 1,
+    # One Ray worker per training stage still runs the Ray Train path; a second one would only queue on 2 cores.
+    "pretrain.num_workers": 1,
+    "pretrain.progress_bar": False,
+    "pretrain.optim.epochs": 1,
+    "pretrain.optim.warmup_epochs": 0,
+    "evaluate.num_workers": 1,
+    "finetune_det.num_workers": 1,
+    "finetune_det.progress_bar": False,
+    "finetune_det.epochs": 1,
+    "finetune_det.lr_steps": [1],
+    "finetune_det.optim.warmup_iters": 2,
+    "finetune_seg.num_workers": 1,
+    "finetune_seg.progress_bar": False,
+    "finetune_seg.iterations": 6,
+    "finetune_seg.optim.warmup_iters": 2,
+    "evaluate_seg.modes": ["whole"],
+    "benchmark.cpu.dtypes": ["fp32"],
+    "benchmark.cpu.eval": {"resolutions": [64], "batch_sizes": [2], "warmup": 1, "iters": 1},
+    "benchmark.cpu.train": {"dtype": "fp32", "resolutions": [64], "batch_sizes": [2], "warmup": 1, "iters": 1},
 }
 
 
@@ -151,8 +170,8 @@ def dvc_downstream(root: Path, stage: str) -> set[str]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        node = next(node for node in graph.nodes if node.addressing == stage)
-        return {node.addressing for node in networkx.ancestors(graph, node)}
+        node = next(node for node in graph.nodes if getattr(node, "name", None) == stage)
+        return {node.name for node in networkx.ancestors(graph, node)}
 
 
 def get_param(params: dict[str, Any], dotted: str) -> Any:

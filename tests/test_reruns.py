@@ -13,7 +13,9 @@ import yaml
 from pipeline_fixture import ParamRerun, dvc_downstream, get_param, run
 from vig.params import flatten
 
-pytestmark = pytest.mark.slow
+# The first test of the session also pays for the shared smoke pipeline and its rerun (pipeline_fixture.py),
+# each bounded by PIPELINE_TIMEOUT_S.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 EXP_PARAM = "evaluate_det.mask_threshold"  # a leaf stage: the experiment reruns that stage alone
 EXP_VALUE = 0.4
