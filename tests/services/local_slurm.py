@@ -242,7 +242,8 @@ def _process_is(pid: int, program: str) -> bool:
 
 
 def stop_services(folder: Path, grace_s: float = 10.0) -> None:
-    """Stop every process that left a ``<program>[-<name>].pid`` file in `folder` (SIGTERM, then SIGKILL)."""
+    """Stop every process that left a ``<program>[-<name>].pid`` file in `folder`, with the processes of its
+    group (SIGTERM, then SIGKILL)."""
     folder = Path(folder).resolve()
     conf = folder / "slurm.conf"
     if conf.exists() and (folder / "slurmctld.pid").exists() and shutil.which("scancel"):
@@ -256,7 +257,7 @@ def stop_services(folder: Path, grace_s: float = 10.0) -> None:
             pid_file.unlink(missing_ok=True)
             continue
         if _process_is(pid, program):
-            os.kill(pid, signal.SIGTERM)
+            _signal_process_group(pid, signal.SIGTERM)
             running[pid] = pid_file
         else:
             pid_file.unlink(missing_ok=True)
@@ -268,11 +269,23 @@ def stop_services(folder: Path, grace_s: float = 10.0) -> None:
                 del running[pid]
         time.sleep(0.1)
     for pid, pid_file in running.items():
-        os.kill(pid, signal.SIGKILL)
+        _signal_process_group(pid, signal.SIGKILL)
         pid_file.unlink(missing_ok=True)
     for pid in _job_processes(conf):
         os.kill(pid, signal.SIGKILL)  # slurmstepd ignores SIGTERM; without its slurmd it would wait forever
     _remove(folder / "munge")
+
+
+def _signal_process_group(pid: int, signum: int) -> None:
+    """Signal `pid`, and the processes it started too when it leads its own process group (a daemon that called
+    setsid, or a command started in a new session such as vig-ui with its mlflow server)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _cancel_all_jobs(conf: Path, grace_s: float) -> None:
