@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("evaluate", section, experiment=params.get("experiment")) as run:
         metrics = run_evaluate(config, run.info.run_id)
     ema = f", EMA top-1 {metrics['ema_top1']:.2f}%" if "ema_top1" in metrics else ""
-    print(f"evaluate: {metrics['samples']} val samples, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%{ema}")
+    top = f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%"
+    print(f"evaluate: {metrics['samples']} val samples, {top}{ema}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Pretraining engine: Ray Train run with an injected worker failure, local-backend resume, recipe pieces."""
+import json
 import math
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,6 +17,7 @@ from vig.tracking import stage_run
 
 STEPS_PER_EPOCH = 9  # 144 training digits / (8 per worker x 2 workers)
 CLASSES = 3  # digits 0-2: few enough for the loss to fall visibly within 27 steps
+TINY_VIG = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 EPOCHS = 3
 
 
@@ -28,7 +31,7 @@ def tiny_section(root, **overrides):
         "out_dir": str(root / "checkpoints"),
         "plot": str(root / "plots" / "curves.png"),
         "metrics": str(root / "metrics" / "pretrain.json"),
-        "model": {"name": "vig_tiny", "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+        "model": {"name": "vig_tiny", "kwargs": TINY_VIG},
         "data": {"shard_root": str(root / "shards"), "img_size": 16, "shuffle_buffer": 64},
         "augment": {"scale": [0.6, 1.0], "hflip": 0.0, "auto_augment": "rand-m3-mstd0.5-inc1", "color_jitter": 0.0,
                     "re_prob": 0.1, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.1, "eval_crop_pct": 1.0},
@@ -70,8 +73,8 @@ def ray_run(tmp_path_factory, shards):
         config = pretrain_config(section, root)
         with stage_run("pretrain", section, experiment="engine-test") as run:
             summary = pretrain(config, run.info.run_id)
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
-        yield {"root": root, "config": config, "summary": summary, "client": client, "run_id": run.info.run_id}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    return {"root": root, "config": config, "summary": summary, "client": client, "run_id": run.info.run_id}
 
 
 def metric_steps(client, run_id, key):
@@ -107,8 +110,8 @@ def test_ema_weights_differ_from_the_model_and_both_are_evaluated(ray_run):
     client, run_id = ray_run["client"], ray_run["run_id"]
     record, model, ema = state.build_models(ray_run["config"].out_dir + "/last.pt")
     assert record["model_config"]["num_classes"] == CLASSES and ema is not None
-    differing = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, ema.state_dict()[k])]
-    assert differing
+    ema_weights = ema.state_dict()
+    assert any(not torch.equal(v, ema_weights[k]) for k, v in model.state_dict().items() if v.is_floating_point())
     with torch.no_grad():
         images = torch.randn(4, 3, 16, 16)
         assert not torch.allclose(model.eval()(images), ema.eval()(images))
@@ -139,32 +142,40 @@ def test_mlflow_run_holds_params_system_info_checkpoints_and_plot(ray_run, tmp_p
 
 def test_rerun_after_an_interruption_resumes_and_refuses_changed_params(tmp_path, shards, mlflow_store):
     shutil.copytree(shards, tmp_path / "shards")
-    section = tiny_section(tmp_path, backend="local", checkpoint_every_steps=2, fail_at_step=4,
-                           optim={"epochs": 2, "batch_size": 16})  # fmt: skip
-    with pytest.raises(InjectedFailure), stage_run("pretrain", section, experiment="engine-test") as run:
-        pretrain(pretrain_config(section, tmp_path), run.info.run_id)
     client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-    assert metric_steps(client, run.info.run_id, "train/loss")[1] == [1, 2, 3]
-    checkpoints = run_dir(pretrain_config(section, tmp_path)) / "checkpoints"
+
+    def run_stage(section):
+        with stage_run("pretrain", section, experiment="engine-test") as run:
+            summary = pretrain(pretrain_config(section, tmp_path), run.info.run_id)
+        return summary, run.info.run_id
+
+    local = {"backend": "local", "checkpoint_every_steps": 2}
+    first = tiny_section(tmp_path, **local, fail_at_step=4, optim={"epochs": 2, "batch_size": 16})
+    with pytest.raises(InjectedFailure):
+        run_stage(first)
+    checkpoints = run_dir(pretrain_config(first, tmp_path)) / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step_000000002"]
 
-    changed = tiny_section(tmp_path, backend="local", optim={"epochs": 2, "batch_size": 16, "base_lr": 0.32})
-    with pytest.raises(state.ResumeMismatchError, match=r"pretrain\.optim\.base_lr: 0\.64 in the checkpoint, 0\.32 now"):
-        pretrain(pretrain_config(changed, tmp_path))
+    changed = tiny_section(tmp_path, **local, optim={"epochs": 2, "batch_size": 16, "base_lr": 0.32})
+    refusal = r"(?s)pretrain\.optim\.base_lr: 0\.64 in the checkpoint, 0\.32 now.*pretrain\.resume: false"
+    with pytest.raises(state.ResumeMismatchError, match=refusal):
+        run_stage(changed)
 
-    # Same params: continues after step 2 (step 3 was lost with the crash); the hook fires only on a fresh start.
-    with stage_run("pretrain", section, experiment="engine-test") as run:
-        summary = pretrain(pretrain_config(section, tmp_path), run.info.run_id)
-    assert metric_steps(client, run.info.run_id, "train/loss")[1] == list(range(3, 2 * STEPS_PER_EPOCH + 1))
-    assert client.get_run(run.info.run_id).data.tags["train.resumed_from_step"] == "2"
+    # resume: false discards the old run; this fresh one is interrupted in turn, after its step-2 checkpoint.
+    with pytest.raises(InjectedFailure):
+        run_stage({**changed, "resume": False, "fail_at_step": 3})
+    signature = json.loads((checkpoints.parent / "signature.json").read_text())
+    assert signature["optim.base_lr"] == 0.32 and [p.name for p in checkpoints.iterdir()] == ["step_000000002"]
+
+    # Same params: continues after step 2; the hook (still set) fires only in a run that did not resume.
+    summary, run_id = run_stage({**changed, "fail_at_step": 3})
+    assert metric_steps(client, run_id, "train/loss")[1] == list(range(3, 2 * STEPS_PER_EPOCH + 1))
+    assert client.get_run(run_id).data.tags["train.resumed_from_step"] == "2"
     assert summary["steps"] == state.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2 * STEPS_PER_EPOCH
-
-    summary = pretrain(pretrain_config({**changed, "resume": False}, tmp_path))
-    assert summary["steps"] == 2 * STEPS_PER_EPOCH
 
 
 def test_weight_decay_spares_position_embedding_norms_and_biases():
-    config = from_dict(PretrainConfig, {"model": {"kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}}}, "pretrain")  # fmt: skip
+    config = from_dict(PretrainConfig, {"model": {"kwargs": TINY_VIG}}, "pretrain")
     model = state.create_model(state.model_record(config, 10))
     optimizer = build_optimizer(model, config.optim, scaled_lrs(config.optim, 1))
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
@@ -188,7 +199,34 @@ def test_scheduler_with_accumulation_matches_the_closed_form():
 def test_bad_params_are_named_in_the_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) pretrain\.optim\.lr"):
         pretrain_config({"optim": {"lr": 0.1}}, tmp_path)
-    with pytest.raises(ValueError, match=r"pretrain\.optim\.base_lr must be float.*write 1\.0e-3"):
-        pretrain_config({"optim": {"base_lr": "1e-3"}}, tmp_path)
+    with pytest.raises(ValueError, match=r"pretrain\.optim\.base_lr must be float, got 'fast'"):
+        pretrain_config({"optim": {"base_lr": "fast"}}, tmp_path)
+    # PyYAML reads 5e-07 (no dot, as `dvc exp run -S` writes it) as text: still a number here.
+    assert pretrain_config({"optim": {"warmup_lr": "5e-07"}}, tmp_path).optim.warmup_lr == 5e-07
     with pytest.raises(ValueError, match="batch_size .* must be even when mixup"):
         pretrain_config({"optim": {"batch_size": 7}}, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["vig_tiny", "vig_small", "vig_h_base"])
+def test_imagenet_variant_set_params_turn_params_yaml_into_the_variant(model, tmp_path):
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run --set-param` does to params.yaml
+
+    from pipelines.imagenet import load_variant, set_param_overrides
+    from vig.engine.config import evaluate_config, to_dict
+    from vig.params import load_params
+
+    repo_params = Path(__file__).parents[1] / "params.yaml"
+    params = load_params(repo_params)
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(repo_params, params_file)
+    variant = load_variant(model)
+    apply_overrides(str(params_file), set_param_overrides(params, variant))
+    applied = load_params(params_file)
+    assert applied["experiment"] == f"vig-imagenet-{model}"
+    for name in ("pretrain", "evaluate"):
+        build = pretrain_config if name == "pretrain" else evaluate_config
+        assert to_dict(build(applied[name], tmp_path)) == to_dict(build(variant[name], tmp_path))
+    assert applied["pretrain"]["model"]["kwargs"] == {} and applied["pretrain"]["model"]["name"] == model
+    assert applied["pretrain"]["optim"]["batch_size"] * applied["pretrain"]["num_workers"] == 1024
+    untouched = sorted(set(params) - set(variant))
+    assert [applied[k] for k in untouched] == [params[k] for k in untouched]

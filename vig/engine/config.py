@@ -6,6 +6,7 @@ resolved against the project root by `resolve_paths`, because Ray workers run in
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from vig.data.transforms import AugmentConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 BACKENDS = ("ray", "local")
 
 
@@ -186,13 +188,14 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
             return tuple(value)
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads exponents without a dot, e.g. 5e-07 as written by `dvc exp run -S`, as text.
+            return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool, dict, Any) and isinstance(value, origin if origin is not Any else object):
             return value
-    hint_text = getattr(hint, "__name__", str(hint))
-    advice = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and "e" in value.lower() else ""
-    raise ValueError(f"{name} must be {hint_text}, got {value!r}{advice}")
+    raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -55,5 +55,5 @@ class ClassificationShards:
 
     def val_batches(self, batch_size: int) -> Batches:
         """This worker's share of the validation shards, each sample once, unshuffled."""
-        pipeline = classification_pipeline(self.val_urls, self.eval_transform, shuffle_buffer=0, seed=0, resampled=False)
+        pipeline = classification_pipeline(self.val_urls, self.eval_transform, resampled=False)
         return make_loader(pipeline, batch_size, self.data.loader_workers)

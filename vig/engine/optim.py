@@ -45,7 +45,9 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lrs: ScaledLRs) -> to
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, lrs: ScaledLRs, steps_per_epoch: int) -> CosineLRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, lrs: ScaledLRs, steps_per_epoch: int
+) -> CosineLRScheduler:
     """Cosine decay over (epochs - warmup_epochs) epochs after a linear warmup, counted in optimizer steps.
 
     Drive it with `scheduler.step_update(steps_done)`: the learning rate of step n + 1 (1-based) is

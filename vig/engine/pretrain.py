@@ -239,8 +239,8 @@ class Pretraining:
         if self.mixer is not None:
             images, targets = self.mixer(images, targets)
         # Gradients are all-reduced only on the micro-batch that completes an optimizer step.
-        no_sync = self.ddp.no_sync() if isinstance(self.ddp, DistributedDataParallel) and not sync else contextlib.nullcontext()
-        with no_sync:
+        accumulating = isinstance(self.ddp, DistributedDataParallel) and not sync
+        with self.ddp.no_sync() if accumulating else contextlib.nullcontext():
             with autocast(self.device, self.dtype):
                 logits = self.train_forward(images)
             loss = self.criterion(logits.float(), targets)
@@ -298,10 +298,9 @@ class Pretraining:
 
     # ---------------------------------------------------------------- outputs
     def weights(self, metrics: dict[str, float]) -> dict[str, Any]:
+        ema = self.ema.module if self.ema is not None else None
         epoch = self.step // self.steps_per_epoch
-        return state.weights(
-            self.model_config, self.model, self.ema.module if self.ema else None, epoch=epoch, step=self.step, metrics=metrics
-        )
+        return state.weights(self.model_config, self.model, ema, epoch=epoch, step=self.step, metrics=metrics)
 
     def write_outputs(self) -> None:
         """Rank 0: last.pt, best.pt, the curve plot and the metrics file, also logged to MLflow."""
