@@ -36,7 +36,7 @@ from vig.dense.config import DenseOptimConfig, InitConfig, TrunkConfig
 from vig.engine import state
 from vig.engine.config import to_dict
 from vig.engine.evaluation import autocast, autocast_dtype
-from vig.engine.launch import run_on_workers
+from vig.engine.launch import CHECKPOINTS, run_training
 from vig.engine.pretrain import InjectedFailure, _derived_seed, _seed_everything, _Window
 from vig.engine.run_log import RunLog
 from vig.engine.session import LocalSession, RaySession, Session
@@ -45,7 +45,6 @@ from vig.params import flatten
 _logger = logging.getLogger(__name__)
 
 RUN_FOLDER = "run"
-CHECKPOINTS = "checkpoints"
 SIGNATURE_FILE = "signature.json"
 MODEL_FILE = "model.pt"
 PREVIEW_FILE = "predictions.png"
@@ -434,23 +433,7 @@ def launch(
 ) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run on Ray workers or in this process; returns the metrics file's content."""
     folder = prepare_run_dir(config, section)
-    loop_config = {section: to_dict(config), "mlflow_run_id": mlflow_run_id}
-    if config.backend == "ray":
-        run_on_workers(
-            worker,
-            loop_config,
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            cpus_per_worker=config.cpus_per_worker,
-            storage=folder,
-            name=CHECKPOINTS,
-            max_failures=config.max_failures,
-            keep_checkpoints=config.keep_checkpoints,
-        )
-    else:
-        worker(loop_config)
-    shutil.rmtree(folder)
-    return json.loads(Path(config.metrics).read_text())
+    return run_training(worker, {section: to_dict(config), "mlflow_run_id": mlflow_run_id}, config, folder)
 
 
 def load_weights(path: str | Path, task: str) -> dict[str, Any]:

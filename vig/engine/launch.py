@@ -6,7 +6,9 @@ everything they need arrives as absolute paths in their config and as environmen
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ RAY_SANDBOX_ENV = {
 OBJECT_STORE_BYTES = 512 * 2**20
 # Passed through to the workers when set in the driver's environment.
 FORWARDED_ENV = ("TRITON_INTERPRET", "CUDA_LAUNCH_BLOCKING", "TORCH_COMPILE_DISABLE")
+
+
+CHECKPOINTS = "checkpoints"  # folder of the Ray Train checkpoints inside a run folder
 
 
 def connect(num_cpus: int) -> None:
@@ -105,3 +110,27 @@ def run_on_workers(
         ),
     )
     return trainer.fit()
+
+
+def run_training(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], config: Any, folder: Path) -> dict:
+    """Run `worker(loop_config)` on Ray Train workers (`config.backend == "ray"`) or in this process.
+
+    `folder` holds the unfinished run's checkpoints and is removed once the run completed; returns the content
+    of the metrics file (`config.metrics`) the worker wrote.
+    """
+    if config.backend == "ray":
+        run_on_workers(
+            worker,
+            loop_config,
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            cpus_per_worker=config.cpus_per_worker,
+            storage=folder,
+            name=CHECKPOINTS,
+            max_failures=config.max_failures,
+            keep_checkpoints=config.keep_checkpoints,
+        )
+    else:
+        worker(loop_config)
+    shutil.rmtree(folder)
+    return json.loads(Path(config.metrics).read_text())

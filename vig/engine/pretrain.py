@@ -41,7 +41,7 @@ from vig.engine import state
 from vig.engine.config import PretrainConfig, from_dict, to_dict
 from vig.engine.data import ClassificationShards
 from vig.engine.evaluation import autocast, autocast_dtype, evaluate
-from vig.engine.launch import run_on_workers
+from vig.engine.launch import CHECKPOINTS, run_training
 from vig.engine.optim import build_optimizer, build_scheduler, global_batch, scaled_lrs
 from vig.engine.run_log import RunLog, plot_training_curves
 from vig.engine.session import LocalSession, RaySession, Session
@@ -49,7 +49,6 @@ from vig.engine.session import LocalSession, RaySession, Session
 _logger = logging.getLogger(__name__)
 
 RUN_FOLDER = "run"
-CHECKPOINTS = "checkpoints"
 SIGNATURE_FILE = "signature.json"
 BEST_SO_FAR = "best.pt"
 
@@ -397,20 +396,4 @@ def prepare_run_dir(config: PretrainConfig) -> Path:
 def pretrain(config: PretrainConfig, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; returns the summary metrics also written to `config.metrics`."""
     folder = prepare_run_dir(config)
-    loop_config = {"pretrain": to_dict(config), "mlflow_run_id": mlflow_run_id}
-    if config.backend == "ray":
-        run_on_workers(
-            train_worker,
-            loop_config,
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            cpus_per_worker=config.cpus_per_worker,
-            storage=folder,
-            name=CHECKPOINTS,
-            max_failures=config.max_failures,
-            keep_checkpoints=config.keep_checkpoints,
-        )
-    else:
-        train_worker(loop_config)
-    shutil.rmtree(folder)
-    return json.loads(Path(config.metrics).read_text())
+    return run_training(train_worker, {"pretrain": to_dict(config), "mlflow_run_id": mlflow_run_id}, config, folder)
