@@ -101,3 +101,12 @@ def test_position_embedding_and_norms_are_exempt_from_weight_decay():
     names = no_weight_decay_names(features)
     assert "trunk.pos_embed" in names and "trunk.norm.weight" in names
     assert "trunk.blocks.0.mlp.gate_proj.weight" not in names
+
+
+def test_plain_vig_takes_detection_sized_inputs_as_one_long_sequence():
+    # 1333x800 padded to 1344x800 by Mask R-CNN: a 50 x 84 = 4,200-token sequence at patch 16.
+    features = create_dense_features("vig_tiny", {**PLAIN, "embed_dim": 16}).eval()
+    with torch.no_grad():
+        out = features(torch.randn(1, 3, 800, 1344))
+    assert shapes(out) == {"0": (1, 4, 200, 336), "1": (1, 8, 100, 168), "2": (1, 16, 50, 84), "3": (1, 16, 25, 42)}
+    assert all(torch.isfinite(value).all() for value in out.values())

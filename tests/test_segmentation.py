@@ -121,6 +121,10 @@ def test_finetune_seg_resumes_after_a_failure_lowers_the_loss_and_evaluate_seg_s
         # Checkpoints every 2 steps (and at epoch ends, every 2 steps here): the newest is at step 4.
         checkpoints = sorted(p.name for p in (dense_root / "finetune_seg" / "run" / "checkpoints").iterdir())
         assert checkpoints[-1] == "step_000000004"
+        # Resuming with other training params is refused, naming the difference.
+        changed = load_section(FinetuneSegConfig, {**section, "iterations": 14}, "finetune_seg", dense_root)
+        with pytest.raises(ValueError, match=r"finetune_seg\.iterations: 12 in the checkpoint, 14 now\n[^ ]"):
+            finetune_segmentation(changed)
         metrics = finetune_segmentation(config, run.info.run_id)
     assert metrics["steps"] == 12
     client = mlflow.MlflowClient(mlflow_store)
@@ -131,12 +135,6 @@ def test_finetune_seg_resumes_after_a_failure_lowers_the_loss_and_evaluate_seg_s
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     artifacts = {a.path for folder in ("plots", "checkpoints") for a in client.list_artifacts(run.info.run_id, folder)}
     assert artifacts == {"plots/predictions.png", "checkpoints/model.pt"}
-
-    changed = load_section(FinetuneSegConfig, {**section, "iterations": 14}, "finetune_seg", dense_root)
-    (dense_root / "finetune_seg" / "run").mkdir()
-    (dense_root / "finetune_seg" / "run" / "signature.json").write_text(json.dumps({"iterations": 12}))
-    with pytest.raises(ValueError, match="finetune_seg.iterations: 12 in the checkpoint, 14 now"):
-        finetune_segmentation(changed)
 
     evaluation = {"checkpoint": str(dense_root / "finetune_seg" / "model.pt"), "shard_root": str(dense_root / "shards"),
                   "scale": [64, 64], "crop_size": [48, 48], "stride": [32, 32], "preview_images": 2,
