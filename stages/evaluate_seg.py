@@ -1,9 +1,9 @@
 """`python -m stages.evaluate_seg`: mIoU, mAcc and aAcc of the fine-tuned UperNet on the segmentation val
 shards, single scale, with whole-image and sliding-window inference.
 
-Reads params.yaml's `evaluate_seg` section. Outputs: metrics/evaluate_seg.json (per mode: mIoU, mAcc, aAcc
-and per-class IoU) and a picture of images, ground-truth and predicted label maps; both go to the stage's
-MLflow run.
+Reads params.yaml's `evaluate_seg` section (`--params FILE`: another params file). Outputs:
+metrics/evaluate_seg.json (per mode: mIoU, mAcc, aAcc and per-class IoU) and a picture of images,
+ground-truth and predicted label maps; both go to the stage's MLflow run.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import re
 
 import mlflow
 
+from vig.dense.cli import stage_params
 from vig.dense.config import EvaluateSegConfig, load_section
 from vig.dense.evaluation import evaluate_segmentation
-from vig.params import load_params, project_root
+from vig.params import project_root
 from vig.tracking import stage_run
 
 SECTION = "evaluate_seg"
@@ -24,10 +25,10 @@ def metric_name(class_name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", class_name)
 
 
-def main() -> None:
-    params = load_params()[SECTION]
-    config = load_section(EvaluateSegConfig, params, SECTION, project_root())
-    with stage_run(SECTION, params):
+def main(argv: list[str] | None = None) -> None:
+    params, section = stage_params(SECTION, __doc__, argv, backend_flag=False)
+    config = load_section(EvaluateSegConfig, section, SECTION, project_root())
+    with stage_run(SECTION, section, experiment=params.get("experiment")):
         metrics = evaluate_segmentation(config)
         for mode in config.modes:
             mlflow.log_metrics({f"{mode}/{k}": metrics[mode][k] for k in ("mIoU", "mAcc", "aAcc")})
