@@ -211,14 +211,18 @@ def test_stage_params_with_a_trained_checkpoint_and_the_cpu_sweep(tmp_path):
         "dtypes": ["fp32", "fp16", "bf16"],
         "eval": {"resolutions": [224, 1024], "batch_sizes": [256, 16], "warmup": 50, "iters": 30},
         "train": {"dtype": "bf16", "resolutions": [224], "batch_sizes": [128], "warmup": 10, "iters": 20},
-        "max_seconds": None, "profile": False, "threads": None,
+        "max_seconds": None, "profile": False, "threads": None, "executions": ["eager", "compiled"],
+        "compile_mode": "reduce-overhead",
         "cpu": {"models": ["vig_tiny"], "baselines": ["deit_tiny_patch16_224"], "dtypes": ["fp32"],
                 "eval": {"resolutions": [64], "batch_sizes": [2], "warmup": 1, "iters": 2}, "threads": 1},
     }  # fmt: skip
     gpu = benchmark.config_from_params(params, "cuda", tmp_path)
-    assert [s.label for s in gpu.models] == ["vig_tiny", "vig_small", "trained_vig_tiny", "deit_tiny_fused",
-                                             "deit_tiny_plain", "deit_base_fused", "deit_base_plain"]  # fmt: skip
+    labels = ["vig_tiny", "vig_small", "trained_vig_tiny", "deit_tiny_fused", "deit_tiny_plain", "deit_base_fused",
+              "deit_base_plain"]  # fmt: skip
+    assert [s.label for s in gpu.models] == [name + suffix for name in labels for suffix in ("", "_compiled")]
     assert gpu.eval_cases == ((224, 256), (1024, 16)) and gpu.warmup == 50 and gpu.threads is None
+    assert gpu.compile_mode == "reduce-overhead"
+    params["cpu"]["executions"] = ["eager"]
     cpu = benchmark.config_from_params(params, "cpu", tmp_path)
     assert [s.label for s in cpu.models] == ["vig_tiny", "trained_vig_tiny", "deit_tiny_fused", "deit_tiny_plain"]
     assert cpu.eval_cases == ((64, 2),) and cpu.dtypes == ("fp32",) and cpu.train_cases == ((224, 128),)
@@ -236,3 +240,29 @@ def test_stage_params_with_a_trained_checkpoint_and_the_cpu_sweep(tmp_path):
         benchmark.config_from_params({**params, "batch": 3}, "cuda", tmp_path)
     with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
         benchmark.config_from_params({**params, "checkpoint": "missing.pt"}, "cuda", tmp_path)
+
+
+def test_compiled_variants_are_labelled_and_compared_with_compiled_and_eager_baselines(monkeypatch):
+    compile_calls = []
+    real_compile = torch.compile
+
+    def compile_without_a_cpp_toolchain(model, mode):
+        compile_calls.append(mode)
+        return real_compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks allowed
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_cpp_toolchain)
+    base = tiny_config()
+    config = tiny_config(models=tuple(benchmark.with_executions(base.models[:2], ["eager", "compiled"])),
+                         dtypes=("fp32",), eval_cases=((16, 2),), compile_mode="max-autotune")  # fmt: skip
+    assert [s.label for s in config.models] == ["vig_micro", "vig_micro_compiled", "deit_micro_fused",
+                                                "deit_micro_fused_compiled"]  # fmt: skip
+    record = benchmark.run_benchmark(config)
+
+    assert compile_calls == ["max-autotune", "max-autotune"]  # once per compiled model and resolution
+    assert all(r["status"] == "ok" for r in record["results"]) and len(record["results"]) == 8
+    assert {r["execution"] for r in record["results"] if r["label"].endswith("_compiled")} == {"compiled"}
+    pairs = {(q["model"], q["baseline"]) for q in record["ratios"]}
+    assert pairs == {("vig_micro", "deit_micro_fused"), ("vig_micro_compiled", "deit_micro_fused"),
+                     ("vig_micro_compiled", "deit_micro_fused_compiled")}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown execution 'jit'"):
+        benchmark.with_executions(base.models, ["jit"])

@@ -43,9 +43,25 @@ def test_create_model_overrides_and_activation_flags():
     assert model.head.out_features == 7
     assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
     mixer = model.blocks[0].attn
-    assert isinstance(mixer.in_proj[1], nn.Identity) and isinstance(mixer.out_act, nn.Identity)
+    assert isinstance(mixer.in_proj[1], nn.Identity) and not mixer.use_out_act
     tiny_mixer = make("vig_tiny", **PLAIN_SMALL).blocks[0].attn
-    assert isinstance(tiny_mixer.in_proj[1], nn.SiLU) and isinstance(tiny_mixer.out_act, nn.SiLU)
+    assert isinstance(tiny_mixer.in_proj[1], nn.SiLU) and tiny_mixer.use_out_act
+
+
+@pytest.mark.parametrize("name, kwargs", [("vig_tiny", PLAIN_SMALL), ("vig_h_tiny", HIER_SMALL)])
+def test_model_compiles_as_one_graph_with_eager_outputs_and_gradients(name, kwargs):
+    """torch.compile(fullgraph=True) traces the whole model (aot_eager: no C++ toolchain needed on CPU)."""
+    torch.manual_seed(0)
+    model = make(name, num_classes=5, drop_path_rate=0.0, **kwargs)  # training mode, deterministic
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 64, 48)
+    first_layer = next(model.parameters())  # its gradient flows back through every block
+    expected = model(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), first_layer)
+    got = compiled(x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), first_layer)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name, kwargs", [("vig_tiny", PLAIN_SMALL), ("vig_h_tiny", HIER_SMALL)])

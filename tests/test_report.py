@@ -94,7 +94,7 @@ def test_report_has_every_table_and_plot_of_the_pipeline_run(pipeline_root, stor
                   and r["mode"] == "eval" and r["baseline"].startswith(claim.baseline)]  # fmt: skip
         assert len(ratios) == 4  # fused/plain x fp32/bf16
         for ratio in ratios:
-            row = table_row(md, claim.text, f"vs {ratio['baseline']}", f"| {ratio['dtype']} |")
+            row = table_row(md, claim.text, f"{ratio['model']} vs {ratio['baseline']}", f"| {ratio['dtype']} |")
             if claim.quantity == "speedup":
                 assert f"| {ratio['speedup']:.2f}x |" in row
                 verdict = "holds" if ratio["speedup"] >= claim.paper else f"{claim.paper / ratio['speedup']:.2f}x below"
@@ -155,7 +155,7 @@ def test_memory_claim_is_checked_against_peak_memory_of_a_gpu_run():
     rows = [row for row in report.claim_rows(benchmark) if row[0] == claim.text]
     assert len(rows) == 4
     for ratio in (r for r in benchmark["ratios"] if r["resolution"] == 1024):
-        row = next(row for row in rows if row[2] == f"vs {ratio['baseline']}" and row[3] == ratio["dtype"])
+        row = next(row for row in rows if row[2] == f"{ratio['model']} vs {ratio['baseline']}" and row[3] == ratio["dtype"])
         saving = 1 - ratio["memory_ratio"]
         percent = round(100 * saving)
         assert row[4] == (f"{percent}% less" if percent >= 0 else f"{-percent}% more")

@@ -6,8 +6,9 @@ images/s = iters·batch / seconds. Each cell (model, mode, dtype, resolution, ba
 fp32 or under autocast (fp16 / bf16), with the peak allocated memory of the timed passes (weights and
 input included, warm-up transients such as autotuning left out). Training cells time a bf16-autocast
 forward + backward + AdamW step. Baselines (DeiT-T/S/B with PyTorch's fused attention and with plain
-attention) run in the same process, so every ratio compares numbers of one run on one device. A cell
-that runs out of device memory is recorded as skipped.
+attention) run in the same process, so every ratio compares numbers of one run on one device. Each model can
+also run compiled (`torch.compile`, label suffix '_compiled'); a compiled model of ours is compared with the
+baselines both compiled and eager. A cell that runs out of device memory is recorded as skipped.
 
 This module needs only torch and timm (plus matplotlib for plots): it is the `vig-bench` CLI and
 runs on machines without the pipeline's tracking stack. `stages.benchmark` adds params.yaml and MLflow.
@@ -39,6 +40,8 @@ from vig.data.atomic import atomic_path, write_bytes, write_json
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_MODES = ("fused", "plain")
+EXECUTIONS = ("eager", "compiled")
+COMPILED_SUFFIX = "_compiled"
 OUT_OF_MEMORY = "out of memory"
 # The paper's protocol and the sweep of BENCHMARK.md (resolution -> batch).
 PROTOCOL_EVAL_CASES = ((224, 256), (512, 64), (1024, 16), (2048, 4))
@@ -62,6 +65,7 @@ class ModelSpec:
     label: str
     role: str = "ours"  # "ours" | "baseline"
     attention: str | None = None  # baselines: "fused" (torch SDPA) or "plain" (softmax(QK^T)V)
+    execution: str = "eager"  # "eager" or "compiled" (torch.compile)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -80,6 +84,8 @@ class BenchmarkConfig:
     max_seconds: float | None = None  # per-cell time cap; passes actually run are recorded per cell
     device: str = "cuda"
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    compile_mode: str = "default"  # torch.compile mode of the compiled models
+
 
     def __post_init__(self) -> None:
         for dtype in (*self.dtypes, self.train_dtype):
@@ -91,6 +97,8 @@ class BenchmarkConfig:
         for spec in self.models:
             if spec.role == "baseline" and spec.attention not in ATTENTION_MODES:
                 raise ValueError(f"baseline {spec.label}: attention must be one of {ATTENTION_MODES}")
+            if spec.execution not in EXECUTIONS:
+                raise ValueError(f"{spec.label}: execution must be one of {EXECUTIONS}, got {spec.execution!r}")
         if min(self.warmup, self.train_warmup) < 1 or min(self.iters, self.train_iters) < 1:
             raise ValueError("warmup and iters must be >= 1 (the first pass compiles and autotunes kernels)")
 
@@ -104,6 +112,18 @@ def baseline_specs(names: Sequence[str], attention: Sequence[str] = ATTENTION_MO
         ModelSpec(name=name, label=f"{short_name(name)}_{mode}", role="baseline", attention=mode)
         for name in names
         for mode in attention
+    ]
+
+
+def with_executions(specs: Sequence[ModelSpec], executions: Sequence[str]) -> list[ModelSpec]:
+    """Each model once per execution; compiled ones labelled e.g. 'vig_tiny_compiled'."""
+    for execution in executions:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}: use {EXECUTIONS}")
+    return [
+        replace(spec, execution=execution, label=spec.label + (COMPILED_SUFFIX if execution == "compiled" else ""))
+        for spec in specs
+        for execution in executions
     ]
 
 
@@ -171,7 +191,7 @@ def config_from_params(params: dict[str, Any], device: str, root: Path | None = 
     models += baseline_specs(section.get("baselines") or [], section.get("attention") or ATTENTION_MODES)
     evals, train = section["eval"], section.get("train") or {}
     return BenchmarkConfig(
-        models=tuple(models),
+        models=tuple(with_executions(models, section.get("executions") or ["eager"])),
         dtypes=tuple(section["dtypes"]),
         eval_cases=_paired(evals["resolutions"], evals["batch_sizes"], "eval"),
         warmup=evals["warmup"],
@@ -183,11 +203,13 @@ def config_from_params(params: dict[str, Any], device: str, root: Path | None = 
         max_seconds=section.get("max_seconds"),
         device=device,
         threads=section.get("threads"),
+        compile_mode=section.get("compile_mode") or "default",
     )
 
 
 PARAM_KEYS = {
-    "models", "checkpoint", "baselines", "attention", "dtypes", "eval", "train", "max_seconds", "profile", "threads"
+    "models", "checkpoint", "baselines", "attention", "dtypes", "eval", "train", "max_seconds", "profile", "threads",
+    "executions", "compile_mode",
 }
 
 
@@ -404,21 +426,30 @@ def run_benchmark(
         for resolution in sorted({res for _, _, res, _ in cells}):
             model = build_model(spec, resolution).to(device)
             record["models"].setdefault(spec.label, _model_summary(spec, model, resolution))
+            runnable = _executable(model, spec, config)
             for mode, dtype, res, batch in cells:
                 if res != resolution:
                     continue
                 measure = measure_eval if mode == "eval" else measure_train
-                result = _measure_or_skip(lambda: measure(model, batch, res, dtype, config, device), device)
+                result = _measure_or_skip(lambda: measure(runnable, batch, res, dtype, config, device), device)
                 record["results"].append(
                     {"label": spec.label, "model": spec.name, "role": spec.role, "attention": spec.attention,
-                     "mode": mode, "dtype": dtype, "resolution": res, "batch": batch, **result}
+                     "execution": spec.execution, "mode": mode, "dtype": dtype, "resolution": res, "batch": batch,
+                     **result}
                 )  # fmt: skip
                 record["ratios"] = compute_ratios(record["results"])
                 if on_result is not None:
                     on_result(record)
-            del model
+            del model, runnable
             _reset_memory(device, collect=True)
     return record
+
+
+def _executable(model: nn.Module, spec: ModelSpec, config: BenchmarkConfig) -> nn.Module:
+    """The model as the spec runs it: itself, or compiled (compilation happens in the first warm-up pass)."""
+    if spec.execution == "compiled":
+        return torch.compile(model, mode=config.compile_mode)
+    return model
 
 
 def _model_summary(spec: ModelSpec, model: nn.Module, resolution: int) -> dict[str, Any]:
@@ -426,6 +457,7 @@ def _model_summary(spec: ModelSpec, model: nn.Module, resolution: int) -> dict[s
         "model": spec.name,
         "role": spec.role,
         "attention": spec.attention,
+        "execution": spec.execution,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "params_counted_at_resolution": resolution,  # the position embedding grows with the resolution
         "trained_weights": spec.state_dict is not None,
@@ -440,7 +472,8 @@ def protocol_summary(config: BenchmarkConfig) -> dict[str, Any]:
 
 
 def compute_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each of our cells against each baseline's cell of the same mode, dtype, resolution and batch.
+    """Each of our cells against each baseline's cell of the same mode, dtype, resolution and batch, run the
+    same way (eager or compiled) or eager (so a compiled model of ours meets the baselines as users run them).
 
     speedup = ours / baseline images/s; memory_ratio = ours / baseline peak memory (< 1: ours uses less).
     """
@@ -449,6 +482,8 @@ def compute_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for ours in (r for r in results if r["role"] == "ours"):
         for base in baselines:
             if any(ours[key] != base[key] for key in ("mode", "dtype", "resolution", "batch")):
+                continue
+            if base.get("execution", "eager") not in ("eager", ours.get("execution", "eager")):
                 continue
             ratio = {key: ours[key] for key in ("mode", "dtype", "resolution", "batch")}
             ratio.update(model=ours["label"], baseline=base["label"], speedup=None, memory_ratio=None)
@@ -640,13 +675,15 @@ def _annotate_blocks(model: nn.Module) -> Iterator[None]:
 
 
 def profile_model(
-    model: nn.Module, batch: int, resolution: int, dtype: str, device: torch.device, passes: int = 3
+    model: nn.Module, batch: int, resolution: int, dtype: str, device: torch.device, passes: int = 3,
+    per_block: bool = True,
 ) -> dict[str, Any]:
     """Time per (block, op class) of eval forwards under torch.profiler; device time on GPU, CPU time on CPU.
 
     On GPU each kernel is charged to the op that launched it (Triton kernels launched outside an aten op
     are classed by kernel name); on CPU each op's self time is used, so nothing is counted twice. Ops
-    under a profiler range or custom op whose name says BiGLA count as "bigla".
+    under a profiler range or custom op whose name says BiGLA count as "bigla". `per_block=False` charges
+    everything to one row (compiled models: hooks on their blocks would change what is compiled).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -662,7 +699,8 @@ def profile_model(
     forward()  # compile / autotune outside the profile
     timer.sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with _annotate_blocks(model), profile(activities=activities) as prof:
+    annotate = _annotate_blocks(model) if per_block else contextlib.nullcontext()
+    with annotate, profile(activities=activities) as prof:
         for _ in range(passes):
             forward()
         timer.sync()
@@ -701,13 +739,15 @@ def profile_benchmark(config: BenchmarkConfig, passes: int = 3) -> list[dict[str
     for spec in (s for s in config.models if s.role == "ours"):
         for resolution, batch in config.eval_cases:
             model = build_model(spec, resolution).to(device)
+            runnable = _executable(model, spec, config)
+            per_block = spec.execution == "eager"
             for dtype in config.dtypes:
                 profile = _measure_or_skip(
-                    lambda: profile_model(model, batch, resolution, dtype, device, passes), device
+                    lambda: profile_model(runnable, batch, resolution, dtype, device, passes, per_block), device
                 )
                 if profile.get("status") != OUT_OF_MEMORY:
                     profiles.append({"label": spec.label, **profile})
-            del model
+            del model, runnable
             _reset_memory(device, collect=True)
     return profiles
 
@@ -774,6 +814,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warm-up passes (default: eval 50, train 10; CPU 2 and 1)")
     parser.add_argument("--iters", type=int, help="timed passes (default: eval 30, train 20; CPU 3 and 2)")
     parser.add_argument("--max-seconds", type=float, help="cap per cell; fewer passes are run and recorded")
+    parser.add_argument("--execution", nargs="+", default=["eager"], choices=EXECUTIONS,
+                        help="run every model eager and/or compiled with torch.compile")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode, e.g. default, reduce-overhead (CUDA graphs), max-autotune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each of our models: time per op class per block (text + JSON)")
@@ -812,7 +856,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     models = [checkpoint_spec(m) if Path(m).is_file() else ModelSpec(name=m, label=m) for m in args.model]
     models += baseline_specs(args.baselines, args.attention)
     return BenchmarkConfig(
-        models=tuple(models),
+        models=tuple(with_executions(models, args.execution)),
         dtypes=tuple(args.dtype or (["fp32", "bf16"] if on_cpu else DTYPES)),
         eval_cases=_cases(resolutions, args.batch, eval_defaults),
         warmup=args.warmup or (2 if on_cpu else 50),
@@ -822,6 +866,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         train_iters=args.iters or (2 if on_cpu else 20),
         max_seconds=args.max_seconds,
         device=args.device,
+        compile_mode=args.compile_mode,
     )
 
 

@@ -1,7 +1,9 @@
 """Layers shared by plain ViG and ViG-H: RMSNorm, the SwiGLU product and the ViG token mixer.
 
-Fused flash-linear-attention kernels are used on CUDA tensors and plain PyTorch everywhere else; the
-choice is made per call from the input's device, so one model moves freely between CPU and GPU.
+On CUDA tensors the mixer runs our Triton kernels (BiGLA and its fused epilogue) and, in eager mode,
+flash-linear-attention's fused RMSNorm and SwiGLU; under torch.compile those two are plain PyTorch, which
+the compiler fuses itself. Elsewhere everything is plain PyTorch. The choice is made per call, so one
+model moves freely between CPU and GPU.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.norm_mix import norm_mix
 
 GATE_LOGIT_NORMALIZER = 16
 GATE_LOW_RANK_DIM = 16
@@ -32,9 +35,14 @@ def _fla_ops():
     return rms_norm, swiglu
 
 
+def _eager_fla_ops(x: torch.Tensor):
+    """fla's fused ops for eager CUDA calls; None under torch.compile (fla's launchers break the graph)."""
+    return _fla_ops() if x.is_cuda and not torch.compiler.is_compiling() else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x², last dim) + eps) * weight."""
-    fla_ops = _fla_ops() if x.is_cuda else None
+    fla_ops = _eager_fla_ops(x)
     if fla_ops is not None:
         return fla_ops[0](x, weight, None, eps=eps)
     return F.rms_norm(x, weight.shape, weight, eps)
@@ -42,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """silu(gate) * value."""
-    fla_ops = _fla_ops() if gate.is_cuda else None
+    fla_ops = _eager_fla_ops(gate)
     if fla_ops is not None:
         return fla_ops[1](gate, value)
     return F.silu(gate) * value
@@ -116,7 +124,7 @@ class GatedLinearAttention(nn.Module):
         self.g_norm = RMSNorm(head_v_dim, eps=norm_eps)
         self.l_norm = RMSNorm(head_v_dim, eps=norm_eps)
         self.g_proj = nn.Linear(dim, dim, bias=True)
-        self.out_act = nn.SiLU() if use_out_act else nn.Identity()
+        self.use_out_act = use_out_act  # swish on the mixed branches, fused into the epilogue
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -141,7 +149,10 @@ class GatedLinearAttention(nn.Module):
         g_fwd, g_bwd = log_decay.unflatten(-1, (2, heads, -1)).unbind(2)
         q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
         o = kernels.bigla(q, k, v, g_fwd, g_bwd)
-        gate = torch.sigmoid(self.g_proj(local)).unflatten(-1, (heads, -1))
-        o = torch.lerp(self.l_norm(local.unflatten(-1, (heads, -1))), self.g_norm(o), gate)
-        o = self.o_proj(self.out_act(o.flatten(-2)))
-        return o.view(B, H, W, C)
+        gate_logits = self.g_proj(local).unflatten(-1, (heads, -1))
+        # rmsnorm(o) * sigmoid(gate) + rmsnorm(local) * (1 - sigmoid(gate)), then swish: one pass over memory.
+        o = norm_mix(
+            o, local.unflatten(-1, (heads, -1)), gate_logits, self.g_norm.weight, self.l_norm.weight,
+            eps=self.g_norm.eps, swish=self.use_out_act,
+        )
+        return self.o_proj(o.flatten(-2)).view(B, H, W, C)
