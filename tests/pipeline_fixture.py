@@ -58,16 +58,31 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 
+def stage_outputs(root: Path) -> dict[str, list[str]]:
+    """Each stage's outputs (outs, metrics and plots in dvc.yaml), as paths relative to `root`."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return {
+        name: [entry if isinstance(entry, str) else next(iter(entry))
+               for kind in ("outs", "metrics", "plots") for entry in spec.get(kind, [])]
+        for name, spec in stages.items()
+    }  # fmt: skip
+
+
+def _is_under(name: str, paths: list[str]) -> bool:
+    return any(name == path or name.startswith(f"{path}/") for path in paths)
+
+
 def copy_repository(dest: Path) -> Path:
-    """Copy the files git tracks or would track (not ignored ones: no .venv, outputs or MLflow store) to `dest`
-    and make `dest` a git repository with one commit, as a fresh clone would be."""
+    """Copy the sources git tracks or would track (not ignored files, nor pipeline outputs left in this checkout)
+    to `dest` and make `dest` a git repository with one commit, as a fresh clone would be."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT, capture_output=True, check=True,
     ).stdout.decode().split("\0")  # fmt: skip
+    outputs = [path for paths in stage_outputs(REPO_ROOT).values() for path in paths]
     for name in filter(None, listed):
         source = REPO_ROOT / name
-        if source.is_file():
+        if source.is_file() and not _is_under(name, outputs):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     git(dest, "init", "-q")
@@ -199,20 +214,16 @@ class ParamRerun:
     pipeline_id: str
     rerun_expected: set[str]  # the changed stage and everything downstream of it
     dvc_output: str
-    output_mtimes_before: dict[str, int]
-    output_mtimes_after: dict[str, int]
+    output_mtimes_before: dict[str, dict[str, int]]  # stage -> file -> mtime
+    output_mtimes_after: dict[str, dict[str, int]]
 
 
-def _output_mtimes(root: Path) -> dict[str, int]:
-    """Modification times of every file the pipeline wrote (DVC outputs, metrics and plots of all stages)."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    mtimes = {}
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path = root / (entry if isinstance(entry, str) else next(iter(entry)))
-                files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-                mtimes.update({str(f.relative_to(root)): f.stat().st_mtime_ns for f in files})
+def _output_mtimes(root: Path) -> dict[str, dict[str, int]]:
+    """Modification times of every file each stage wrote (its outs, metrics and plots), by stage."""
+    mtimes: dict[str, dict[str, int]] = {}
+    for stage, paths in stage_outputs(root).items():
+        files = [f for path in paths for f in ([root / path] if (root / path).is_file() else (root / path).rglob("*"))]
+        mtimes[stage] = {str(f.relative_to(root)): f.stat().st_mtime_ns for f in files if f.is_file()}
     return mtimes
 
 
