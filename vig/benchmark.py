@@ -412,6 +412,24 @@ def run_benchmark(
     device = torch.device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    with _cudnn_autotuning():
+        return _run_cells(config, device, on_result)
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning() -> Iterator[None]:
+    """cuDNN picks its fastest convolution per fixed shape (as timm's benchmark does); the flag is restored."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _run_cells(
+    config: BenchmarkConfig, device: torch.device, on_result: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     record: dict[str, Any] = {
         "environment": device_info(device),
         "on_cpu": device.type == "cpu",
@@ -736,19 +754,20 @@ def profile_benchmark(config: BenchmarkConfig, passes: int = 3) -> list[dict[str
     """Profiles of each of our models in every eval cell of `config` (cells out of memory are left out)."""
     device = torch.device(config.device)
     profiles = []
-    for spec in (s for s in config.models if s.role == "ours"):
-        for resolution, batch in config.eval_cases:
-            model = build_model(spec, resolution).to(device)
-            runnable = _executable(model, spec, config)
-            per_block = spec.execution == "eager"
-            for dtype in config.dtypes:
-                profile = _measure_or_skip(
-                    lambda: profile_model(runnable, batch, resolution, dtype, device, passes, per_block), device
-                )
-                if profile.get("status") != OUT_OF_MEMORY:
-                    profiles.append({"label": spec.label, **profile})
-            del model, runnable
-            _reset_memory(device, collect=True)
+    with _cudnn_autotuning():
+        for spec in (s for s in config.models if s.role == "ours"):
+            for resolution, batch in config.eval_cases:
+                model = build_model(spec, resolution).to(device)
+                runnable = _executable(model, spec, config)
+                per_block = spec.execution == "eager"
+                for dtype in config.dtypes:
+                    profile = _measure_or_skip(
+                        lambda: profile_model(runnable, batch, resolution, dtype, device, passes, per_block), device
+                    )
+                    if profile.get("status") != OUT_OF_MEMORY:
+                        profiles.append({"label": spec.label, **profile})
+                del model, runnable
+                _reset_memory(device, collect=True)
     return profiles
 
 

@@ -374,8 +374,8 @@ def claim_rows(benchmark: dict[str, Any]) -> list[list[Any]]:
                 measured, verdict = "-", "not measured (peak memory is measured on CUDA only)"
             else:
                 measured, verdict = ratio["status"], "not measured"
-            rows.append([claim.text, _claim_value(claim, claim.paper), f"{ratio['model']} vs {ratio['baseline']}", ratio["dtype"],
-                         measured, verdict])  # fmt: skip
+            pair = f"{ratio['model']} vs {ratio['baseline']}"
+            rows.append([claim.text, _claim_value(claim, claim.paper), pair, ratio["dtype"], measured, verdict])
     return rows
 
 
