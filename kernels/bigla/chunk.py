@@ -13,7 +13,10 @@ around a diagonal block's middle row, bounded there), so nothing overflows howev
 - T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
   launch per pass;
 - longer T: a scan kernel first writes the states at every segment's edges (one program per (batch,
-  head, state kind), SCAN_CHUNK-token steps), and the segments run in parallel from them.
+  head, state kind, state tile), SCAN_CHUNK-token steps), and the segments run in parallel from them.
+  The decay is diagonal in the key channels, so every [key block, value block] tile of a state evolves
+  on its own: few sequences (a 2048^2 image has B * H = 12 at batch 4) are split into small tiles to
+  keep the GPU busy, many keep whole states (fewer redundant loads).
 
 The backward pass recomputes those states (nothing but the inputs is saved) and produces dq, dk, dv and
 both gate gradients. The first sweep keeps its half of the gradients in fp32 scratch for the second.
@@ -22,6 +25,7 @@ part from tokens left of a segment equals sum_v(state * gradient state) at its l
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -38,6 +42,11 @@ SCAN_CHUNK = 64  # BT: tokens per step of the state scan across segments
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
 DIAG_MATMUL_LIMIT = 40.0
+# Value channels per program of the sweeps (more blocks: more programs in flight, smaller states, the
+# diagonal scores recomputed per block); VIG_BIGLA_BLOCK_V=16|32|64 overrides it for tuning runs.
+MAX_BLOCK_V = int(os.environ.get("VIG_BIGLA_BLOCK_V", "64"))
+if MAX_BLOCK_V not in (16, 32, 64):
+    raise ValueError(f"VIG_BIGLA_BLOCK_V must be 16, 32 or 64, got {MAX_BLOCK_V}")
 
 
 # Keep autotuning results in Triton's cache directory where this Triton can (3.2+): later processes skip it.
@@ -399,20 +408,23 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, 
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "WITH_GRAD"], **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "WITH_GRAD", "BK", "BV"],
+                 **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
                         q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
                         K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr):
-    """The states at every segment's edges, one scan per program (BT-token steps): axis 2 picks the forward
-    state entering from the left, the backward state entering from the right and (WITH_GRAD) the gradients
-    of the forward state at the segment's last token and of the backward state at its first. do is
-    contiguous."""
-    i_v, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """The states at every segment's edges, one scan of one [BK, BV] state tile per program (BT-token steps):
+    axis 0 picks the tile, axis 2 the forward state entering from the left, the backward state entering
+    from the right and (WITH_GRAD) the gradients of the forward state at the segment's last token and of
+    the backward state at its first. do is contiguous."""
+    i_kv, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NKB: tl.constexpr = (K + BK - 1) // BK
+    i_k, i_v = i_kv % NKB, i_kv // NKB
     i_b, i_h = i_bh // H, i_bh % H
     i_b64 = i_b.to(tl.int64)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -474,20 +486,49 @@ def _kernel_args(q, k, v, g_fwd, g_bwd):
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), 64)
+    BV = min(max(16, triton.next_power_of_2(V)), MAX_BLOCK_V)
     strides = [s for x in (q, k, v, g_fwd, g_bwd) for s in (x.stride(0), x.stride(1))]
     common = dict(K=K, V=V, SEG=SEGMENT, BK=BK, BV=BV, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
     return B, T, H, K, V, triton.cdiv(V, BV), triton.cdiv(T, SEGMENT), strides, common
 
 
-def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds: int) -> list[torch.Tensor]:
+def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) -> list[torch.Tensor]:
     """The states at the segments' edges from the scan kernel: 2 kinds (forward pass) or 4 (backward)."""
     B, K, V = q.shape[0], common["K"], common["V"]
     states = [torch.empty(B * H, NS, K, V, dtype=torch.float32, device=q.device) for _ in range(kinds)]
     hf, hb, dhf, dhb = states if kinds == 4 else (*states, *states)
-    bigla_states_kernel[(NV, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, hf, hb, dhf, dhb, *strides, T, NS, H,
-                                            BT=SCAN_CHUNK, WITH_GRAD=kinds == 4, **common)
+    BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
+    tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
+    bigla_states_kernel[(tiles, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, hf, hb, dhf, dhb, *strides, T, NS, H,
+                                               BT=SCAN_CHUNK, WITH_GRAD=kinds == 4,
+                                               **{**common, "BK": BK, "BV": BV})
     return states
+
+
+MIN_STATE_TILE = 16  # tl.dot's smallest operand side
+SCANS_PER_SM = 4  # enough resident scans per multiprocessor to hide the latency of each scan's steps
+
+
+def state_tile(scans: int, BK: int, BV: int, device: torch.device) -> tuple[int, int]:
+    """[BK, BV] tile of the states each scan program carries: whole states when `scans` (sequences x state
+    kinds) fill the GPU, else halved (the larger side first) down to 16 x 16 until they do. Off a GPU (the
+    interpreter) the smallest tile, so the tests cover the split scan."""
+    target = SCANS_PER_SM * _multiprocessors(device) if device.type == "cuda" else None
+    programs = scans
+    while BK > MIN_STATE_TILE or BV > MIN_STATE_TILE:
+        if target is not None and programs >= target:
+            break
+        if BV >= BK:
+            BV //= 2
+        else:
+            BK //= 2
+        programs *= 2
+    return BK, BV
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
@@ -501,7 +542,7 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     o = output_buffer((B, T, H, V), q.dtype, q.device)
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     if NS > 1:
-        hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds=2)
+        hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
     bigla_fwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, o, o_bwd, hf, hb, *strides, 0.5 * scale, T, NS, H,
@@ -523,7 +564,7 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     dq_bwd, dk_fwd = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     if NS > 1:
-        hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, NV, common, kinds=4)
+        hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds=4)
     else:
         hf = hb = dhf = dhb = dv_fwd  # not read
     bigla_bwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
