@@ -9,7 +9,7 @@ import pytest
 import torch
 from classification_shards import write_digit_shards
 
-from vig.engine import state
+from vig.engine import launch, state
 from vig.engine.config import OptimConfig, PretrainConfig, from_dict, pretrain_config
 from vig.engine.optim import build_optimizer, build_scheduler, scaled_lrs
 from vig.engine.pretrain import InjectedFailure, pretrain, run_dir
@@ -172,6 +172,28 @@ def test_rerun_after_an_interruption_resumes_and_refuses_changed_params(tmp_path
     assert metric_steps(client, run_id, "train/loss")[1] == list(range(3, 2 * STEPS_PER_EPOCH + 1))
     assert client.get_run(run_id).data.tags["train.resumed_from_step"] == "2"
     assert summary["steps"] == state.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.7:6379"])
+def test_connect_starts_a_private_local_cluster_unless_ray_address_names_one(address, monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    for key in launch.RAY_SANDBOX_ENV:
+        monkeypatch.delenv(key, raising=False)  # connect sets them; monkeypatch restores the originals
+    launch.connect(num_cpus=2)
+    assert len(calls) == 1
+    if address is None:
+        # "local" rather than no address: ray.init would otherwise join a cluster left running on the machine.
+        assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 2
+    else:
+        assert calls[0] == {"address": address, "log_to_driver": True}
 
 
 def test_weight_decay_spares_position_embedding_norms_and_biases():
