@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import timm
@@ -266,3 +267,10 @@ def test_compiled_variants_are_labelled_and_compared_with_compiled_and_eager_bas
                      ("vig_micro_compiled", "deit_micro_fused_compiled")}  # fmt: skip
     with pytest.raises(ValueError, match="unknown execution 'jit'"):
         benchmark.with_executions(base.models, ["jit"])
+    # On a GPU, peak memory of CUDA-graph replays is not a measure of the model (the pool is taken at capture).
+    eager_spec, compiled_spec = config.models[:2]
+    for mode, graphs in (("reduce-overhead", True), ("max-autotune", True), ("default", False)):
+        on_gpu = replace(config, device="cuda", compile_mode=mode)
+        assert benchmark.runs_cuda_graphs(compiled_spec, on_gpu) is graphs
+        assert not benchmark.runs_cuda_graphs(eager_spec, on_gpu)
+    assert not benchmark.runs_cuda_graphs(compiled_spec, replace(config, compile_mode="reduce-overhead"))  # CPU

@@ -42,6 +42,8 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_MODES = ("fused", "plain")
 EXECUTIONS = ("eager", "compiled")
 COMPILED_SUFFIX = "_compiled"
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+GRAPH_POOL_NOTE = "not measured: CUDA graphs take their memory pool at capture, during the warm-up passes"
 OUT_OF_MEMORY = "out of memory"
 # The paper's protocol and the sweep of BENCHMARK.md (resolution -> batch).
 PROTOCOL_EVAL_CASES = ((224, 256), (512, 64), (1024, 16), (2048, 4))
@@ -450,6 +452,9 @@ def _run_cells(
                     continue
                 measure = measure_eval if mode == "eval" else measure_train
                 result = _measure_or_skip(lambda: measure(runnable, batch, res, dtype, config, device), device)
+                if result["status"] == "ok" and runs_cuda_graphs(spec, config):
+                    # The timed replays allocate nothing: their peak would be the weights and input alone.
+                    result.update(peak_memory_gib=None, peak_memory_note=GRAPH_POOL_NOTE)
                 record["results"].append(
                     {"label": spec.label, "model": spec.name, "role": spec.role, "attention": spec.attention,
                      "execution": spec.execution, "mode": mode, "dtype": dtype, "resolution": res, "batch": batch,
@@ -461,6 +466,11 @@ def _run_cells(
             del model, runnable
             _reset_memory(device, collect=True)
     return record
+
+
+def runs_cuda_graphs(spec: ModelSpec, config: BenchmarkConfig) -> bool:
+    """Whether the spec's model replays CUDA graphs (compiled in a mode that captures them, on a GPU)."""
+    return spec.execution == "compiled" and config.compile_mode in CUDA_GRAPH_COMPILE_MODES and config.device != "cpu"
 
 
 def _executable(model: nn.Module, spec: ModelSpec, config: BenchmarkConfig) -> nn.Module:
@@ -893,19 +903,21 @@ def summary_table(record: dict[str, Any]) -> str:
     """Plain-text table of every cell and of the speedups against fused baselines."""
     lines = [f"device: {record['environment']['device']}  torch {record['environment']['torch']}  "
              f"triton {record['environment']['triton']}"]  # fmt: skip
-    lines.append(f"{'model':<22}{'mode':<6}{'dtype':<6}{'res':>6}{'batch':>6}{'img/s':>12}{'peak GiB':>10}  passes")
+    width = max([len(r["label"]) + 2 for r in record["results"]] + [22])
+    header = f"{'mode':<6}{'dtype':<6}{'res':>6}{'batch':>6}{'img/s':>12}{'peak GiB':>10}  passes"
+    lines.append(f"{'model':<{width}}{header}")
     for r in record["results"]:
         if r["status"] == "ok":
             mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
             numbers = f"{r['images_per_s']:>12.1f}{mem:>10}  {r['warmup_passes']}+{r['timed_passes']}"
         else:
             numbers = f"{r['status']:>22}"
-        lines.append(f"{r['label']:<22}{r['mode']:<6}{r['dtype']:<6}{r['resolution']:>6}{r['batch']:>6}{numbers}")
+        lines.append(f"{r['label']:<{width}}{r['mode']:<6}{r['dtype']:<6}{r['resolution']:>6}{r['batch']:>6}{numbers}")
     lines.append("ratios (ours / baseline, same run): speedup, memory")
     for q in record["ratios"]:
         speed = "-" if q["speedup"] is None else f"{q['speedup']:.2f}x"
         mem = "-" if q["memory_ratio"] is None else f"{q['memory_ratio']:.2f}"
-        lines.append(f"  {q['model']} vs {q['baseline']:<18} {cell_key(q):<16} {speed:>8} {mem:>6}")
+        lines.append(f"  {q['model'] + ' vs ' + q['baseline']:<{2 * width}} {cell_key(q):<16} {speed:>8} {mem:>6}")
     return "\n".join(lines)
 
 
