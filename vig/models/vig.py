@@ -22,11 +22,11 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vig.checkpoint import checkpoint_filter_fn
 from vig.layers import GatedLinearAttention, RMSNorm, round_up, swiglu_mlp
+from vig.models.common import create_model, release_cfg, take_intermediates
 
 __all__ = ["ViG"]
 
@@ -214,17 +214,20 @@ class ViG(nn.Module):
             output_fmt: "NCHW" (a permuted view of channels-last memory) or "NHWC".
             intermediates_only: return only the list, not (final features, list).
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        x = self._embed(x)
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x)
-            if i in take_indices:
-                out = self.norm(x) if norm else x
-                intermediates.append(out.permute(0, 3, 1, 2) if output_fmt == "NCHW" else out)
+
+        def run_block(i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = self._run_block(self.blocks[i], x)
+            return x, x
+
+        x, intermediates = take_intermediates(
+            self._embed(x),
+            len(self.blocks),
+            run_block,
+            indices,
+            stop_early,
+            output_fmt,
+            feature_norm=(lambda i, features: self.norm(features)) if norm else None,
+        )
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -242,24 +245,8 @@ class ViG(nn.Module):
         return take_indices
 
 
-def _cfg(release_file: str, **kwargs: Any) -> dict[str, Any]:
-    """Pretrained config naming the official release file (huggingface.co/hustvl/ViG, unverified here)."""
-    return {
-        "url": f"https://huggingface.co/hustvl/ViG/resolve/main/{release_file}",
-        "hf_hub_id": "hustvl/ViG",
-        "hf_hub_filename": release_file,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (14, 14),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+def _cfg(release_file: str) -> dict[str, Any]:
+    return release_cfg(release_file, pool_size=(14, 14), first_conv="patch_embed.proj.0", classifier="head")
 
 
 default_cfgs = generate_default_cfgs(
@@ -272,15 +259,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vig(variant: str, pretrained: bool = False, **kwargs: Any) -> ViG:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        ViG,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return create_model(ViG, variant, pretrained, default_out_indices=3, **kwargs)
 
 
 @register_model

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torchvision.ops.misc import Permute
 
-from vig.checkpoint import checkpoint_filter_fn
 from vig.layers import GatedLinearAttention, round_up, swiglu_mlp
+from vig.models.common import create_model, release_cfg, take_intermediates
 
 __all__ = ["ViGH"]
 
@@ -231,22 +231,19 @@ class ViGH(nn.Module):
             output_fmt: "NCHW" (a permuted view of channels-last memory) or "NHWC".
             intermediates_only: return only the list, not (final features, list).
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         if norm and not self.feature_norms:
             raise ValueError(
                 "forward_intermediates(norm=True) needs the per-stage norms: build with feature_norms=True"
             )
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            features, x = stage(x)
-            if i in take_indices:
-                if norm:
-                    features = getattr(self, f"outnorm{i}")(features)
-                intermediates.append(features.permute(*NHWC_TO_NCHW) if output_fmt == "NCHW" else features)
+        x, intermediates = take_intermediates(
+            self.patch_embed(x),
+            len(self.layers),
+            lambda i, x: self.layers[i](x),
+            indices,
+            stop_early,
+            output_fmt,
+            feature_norm=(lambda i, features: getattr(self, f"outnorm{i}")(features)) if norm else None,
+        )
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -265,24 +262,8 @@ class ViGH(nn.Module):
         return take_indices
 
 
-def _cfg(release_file: str, **kwargs: Any) -> dict[str, Any]:
-    """Pretrained config naming the official release file (huggingface.co/hustvl/ViG, unverified here)."""
-    return {
-        "url": f"https://huggingface.co/hustvl/ViG/resolve/main/{release_file}",
-        "hf_hub_id": "hustvl/ViG",
-        "hf_hub_filename": release_file,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.0",
-        "classifier": "classifier.head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+def _cfg(release_file: str) -> dict[str, Any]:
+    return release_cfg(release_file, pool_size=(7, 7), first_conv="patch_embed.0", classifier="classifier.head")
 
 
 default_cfgs = generate_default_cfgs(
@@ -295,15 +276,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vig_h(variant: str, pretrained: bool = False, **kwargs: Any) -> ViGH:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        ViGH,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return create_model(ViGH, variant, pretrained, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 @register_model
