@@ -195,45 +195,25 @@ class SegmentationDecoder:
 
 
 def classification_pipeline(
-    urls: list[str],
-    transform: Callable[[Image.Image], Any] | None = None,
-    *,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    resampled: bool = False,
-    epoch_samples: int | None = None,
+    urls: list[str], transform: Callable[[Image.Image], Any] | None = None, **options: Any
 ) -> ShardPipeline:
-    """Classification shards -> (image, label). See the module docstring for the modes."""
-    return shard_pipeline(urls, ClassificationDecoder(transform), shuffle_buffer=shuffle_buffer, seed=seed,
-                          resampled=resampled, epoch_samples=epoch_samples)  # fmt: skip
+    """Classification shards -> (image, label). `options`: those of `shard_pipeline` (see the module docstring)."""
+    return shard_pipeline(urls, ClassificationDecoder(transform), **options)
 
 
 def detection_pipeline(
-    urls: list[str],
-    transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-    *,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    resampled: bool = False,
-    epoch_samples: int | None = None,
+    urls: list[str], transform: Callable[[Any, Any], tuple[Any, Any]] | None = None, **options: Any
 ) -> ShardPipeline:
-    """Detection / instance segmentation shards -> (image, target). Batch with `collate_lists`."""
-    return shard_pipeline(urls, DetectionDecoder(transform), shuffle_buffer=shuffle_buffer, seed=seed,
-                          resampled=resampled, epoch_samples=epoch_samples)  # fmt: skip
+    """Detection / instance segmentation shards -> (image, target), batched with `collate_lists`. `options`: those
+    of `shard_pipeline`."""
+    return shard_pipeline(urls, DetectionDecoder(transform), **options)
 
 
 def segmentation_pipeline(
-    urls: list[str],
-    transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-    *,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    resampled: bool = False,
-    epoch_samples: int | None = None,
+    urls: list[str], transform: Callable[[Any, Any], tuple[Any, Any]] | None = None, **options: Any
 ) -> ShardPipeline:
-    """Semantic segmentation shards -> (image, label map)."""
-    return shard_pipeline(urls, SegmentationDecoder(transform), shuffle_buffer=shuffle_buffer, seed=seed,
-                          resampled=resampled, epoch_samples=epoch_samples)  # fmt: skip
+    """Semantic segmentation shards -> (image, label map). `options`: those of `shard_pipeline`."""
+    return shard_pipeline(urls, SegmentationDecoder(transform), **options)
 
 
 def collate_lists(batch: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
