@@ -1,5 +1,7 @@
 """Mask R-CNN with a ViG backbone: forward/backward, COCO evaluation, and the finetune_det / evaluate_det path."""
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -185,6 +187,41 @@ def test_dense_sections_of_params_and_paper_scale_variants_are_valid(path):
         recipe = (seg.iterations, seg.crop_size, seg.ratio_range, seg.model.channels)
         assert recipe == (160_000, (512, 512), (0.5, 2.0), 512)
         assert seg.optim.batch_size * seg.num_workers == 16 and seg.model.aux_weight == 0.4 and seg.reduce_zero_label
+
+
+@pytest.mark.parametrize("dataset, recipe, last_stage", [("coco", "maskrcnn_vig_tiny_1x", "evaluate_det"),
+                                                         ("ade20k", "upernet_vig_h_tiny_160k", "evaluate_seg")])
+def test_recipe_runner_writes_the_params_and_the_dvc_experiment_that_applies_them(dataset, recipe, last_stage,
+                                                                                  tmp_path, capsys):
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run --set-param` does to params.yaml
+
+    from pipelines.recipes import main
+
+    recipe_sections = yaml.safe_load((ROOT / f"pipelines/{dataset}/{recipe}.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def same_sections(got: dict) -> bool:
+        names = [name for name in SECTIONS if name in recipe_sections]
+        return all(load_section(SECTIONS[n], got[n], n, ROOT) == load_section(SECTIONS[n], recipe_sections[n], n, ROOT)
+                   for n in names)  # fmt: skip
+
+    written_file = tmp_path / "written.yaml"
+    assert main(dataset, [recipe, f"--{dataset}", "/datasets/root", "--write", str(written_file)]) == 0
+    written = yaml.safe_load(written_file.read_text())
+    assert same_sections(written) and written["experiment"] == f"vig-{dataset}-{recipe}"
+    assert written["data"] == {**params["data"], dataset: "/datasets/root"}
+    assert written["pretrain"] == params["pretrain"]
+
+    assert main(dataset, [recipe, "--dry-run"]) == 0
+    command = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    assert command[command.index("-n") + 1] == f"{dataset}-{recipe}" and command[-1] == last_stage
+    applied_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", applied_file)
+    apply_overrides(str(applied_file), [command[i + 1] for i, arg in enumerate(command) if arg == "--set-param"])
+    applied = yaml.safe_load(applied_file.read_text())
+    assert same_sections(applied) and applied["experiment"] == f"vig-{dataset}-{recipe}"
+    untouched = set(params) - set(recipe_sections)
+    assert {k: applied[k] for k in untouched} == {k: params[k] for k in untouched}
 
 
 def test_unknown_or_mistyped_params_are_named():

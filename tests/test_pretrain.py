@@ -233,7 +233,8 @@ def test_bad_params_are_named_in_the_error(tmp_path):
 def test_imagenet_variant_set_params_turn_params_yaml_into_the_variant(model, tmp_path):
     from dvc.utils.hydra import apply_overrides  # what `dvc exp run --set-param` does to params.yaml
 
-    from pipelines.imagenet import load_variant, set_param_overrides
+    from pipelines.imagenet import load_variant
+    from pipelines.recipes import set_param_overrides
     from vig.engine.config import evaluate_config, to_dict
     from vig.params import load_params
 
