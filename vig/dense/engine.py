@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -37,9 +36,10 @@ from vig.engine import state
 from vig.engine.config import to_dict
 from vig.engine.evaluation import autocast, autocast_dtype
 from vig.engine.launch import CHECKPOINTS, run_training
-from vig.engine.pretrain import InjectedFailure, _derived_seed, _seed_everything, _Window
+from vig.engine.pretrain import InjectedFailure
 from vig.engine.run_log import RunLog
 from vig.engine.session import LocalSession, RaySession, Session
+from vig.engine.worker import LossWindow, TrainingWorker, derived_seed, seed_everything
 from vig.params import flatten
 
 _logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def plain_tensors(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-class DenseFinetuning:
+class DenseFinetuning(TrainingWorker):
     """One worker's share of a fine-tuning run; subclasses set `section` and implement the task hooks."""
 
     section: str = ""
@@ -149,7 +149,7 @@ class DenseFinetuning:
         self.run_log = run_log
         self.device = session.device
         self.signature = run_signature(config, session.world_size)
-        _seed_everything(_derived_seed(config.seed, session.rank))
+        seed_everything(derived_seed(config.seed, session.rank))
 
         self.setup_data()
         self.steps_per_epoch = self.train_samples // (config.optim.batch_size * session.world_size)
@@ -258,12 +258,12 @@ class DenseFinetuning:
     def train_epoch(self, epoch: int, fail_armed: bool) -> float:
         start = self.step % self.steps_per_epoch
         todo = min(self.steps_per_epoch - start, self.total_steps - self.step)
-        _seed_everything(_derived_seed(self.config.seed, self.session.rank, epoch, start))
-        batches = self.train_batches(todo, seed=_derived_seed(self.config.seed, self.session.rank, epoch, start, 1))
+        seed_everything(derived_seed(self.config.seed, self.session.rank, epoch, start))
+        batches = self.train_batches(todo, seed=derived_seed(self.config.seed, self.session.rank, epoch, start, 1))
         self.ddp.train()
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
-        window = _Window(self.device)
-        terms_window: dict[str, float] = {}
+        window = LossWindow(self.device)
+        self.term_sums: dict[str, float] = {}
         epochs = -(-self.total_steps // self.steps_per_epoch)
         progress = tqdm(
             total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
@@ -296,11 +296,11 @@ class DenseFinetuning:
             epoch_loss += torch.stack([detached.double(), torch.ones((), dtype=torch.float64, device=self.device)])
             window.add(detached)
             for key, term in terms.items():
-                terms_window[key] = terms_window.get(key, 0.0) + term.item()
+                self.term_sums[key] = self.term_sums.get(key, 0.0) + term.item()
             progress.update()
             if self.step % self.config.log_every_steps == 0 or self.step == self.total_steps:
-                self.log_step(window, terms_window, lr, grad_norm, progress)
-                terms_window = {}
+                self.log_step(window, lr, grad_norm, progress)
+                self.term_sums = {}
             every = self.config.checkpoint_every_steps
             if every and self.step % every == 0 and self.step % self.steps_per_epoch and self.step < self.total_steps:
                 self.checkpoint({})
@@ -314,39 +314,9 @@ class DenseFinetuning:
             dist.all_reduce(epoch_loss)
         return (epoch_loss[0] / epoch_loss[1]).item()
 
-    def optimizer_step(self) -> float | None:
-        grad_norm = None
-        if self.config.optim.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def log_step(
-        self, window: _Window, terms: dict[str, float], lr: float, grad_norm: float | None, progress: tqdm
-    ) -> None:
-        """Loss averaged over all workers since the last log (every rank calls this); terms from rank 0."""
-        loss, seconds, batches = window.drain()
-        if not self.is_main:
-            return
-        images = batches * self.config.optim.batch_size * self.session.world_size
-        metrics = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/throughput_img_s": images / seconds,
-            "train/epoch": self.step / self.steps_per_epoch,
-            **{f"train/{key}": value / batches for key, value in terms.items()},
-        }
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = grad_norm
-        self.run_log.metrics(metrics, self.step)
-        self.run_log.flush()
-        self.history["step"].append(self.step)
-        self.history["loss"].append(loss)
-        self.history["lr"].append(lr)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    def step_metrics(self, batches: int) -> dict[str, float]:
+        """Rank 0's loss terms, averaged over the batches since the last log."""
+        return {f"train/{key}": value / batches for key, value in self.term_sums.items()}
 
     # --------------------------------------------------------------- outputs
     def write_outputs(self) -> None:
@@ -387,18 +357,10 @@ class DenseFinetuning:
         self.run_log.artifact(self.config.metrics, "metrics")
 
     def system_info(self, resumed_from: int | None) -> dict[str, Any]:
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return {
-            "system.world_size": self.session.world_size,
-            "system.device": self.device.type,
-            "system.gpus": ", ".join(gpus) if gpus else "none",
-            "system.host": platform.node(),
-            "system.torch": torch.__version__,
-            "system.precision": str(self.dtype or torch.float32).removeprefix("torch."),
+            **super().system_info(resumed_from),
             "train.global_batch": self.config.optim.batch_size * self.session.world_size,
             "train.total_steps": self.total_steps,
-            "train.steps_per_epoch": self.steps_per_epoch,
-            "train.resumed_from_step": resumed_from if resumed_from is not None else "none",
         }
 
 

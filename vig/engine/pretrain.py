@@ -17,17 +17,12 @@ restarts from the newest checkpoint within the same call (`max_failures`); calli
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import platform
-import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -45,6 +40,7 @@ from vig.engine.launch import CHECKPOINTS, run_training
 from vig.engine.optim import build_optimizer, build_scheduler, global_batch, scaled_lrs
 from vig.engine.run_log import RunLog, plot_training_curves
 from vig.engine.session import LocalSession, RaySession, Session
+from vig.engine.worker import LossWindow, TrainingWorker, derived_seed, seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -65,17 +61,7 @@ def world_size(config: PretrainConfig) -> int:
     return config.num_workers if config.backend == "ray" else 1
 
 
-def _derived_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class Pretraining:
+class Pretraining(TrainingWorker):
     """One worker's share of a pretraining run (all workers run the same steps in lockstep)."""
 
     def __init__(self, config: PretrainConfig, session: Session, run_log: RunLog) -> None:
@@ -85,7 +71,7 @@ class Pretraining:
         self.run_log = run_log
         self.device = session.device
         self.signature = state.run_signature(config, session.world_size)
-        _seed_everything(_derived_seed(config.seed, session.rank))
+        seed_everything(derived_seed(config.seed, session.rank))
 
         self.data = ClassificationShards(config.data, config.augment, session.world_size)
         optim = config.optim
@@ -185,15 +171,15 @@ class Pretraining:
     def train_epoch(self, epoch: int, fail_armed: bool) -> float:
         accumulation = self.config.optim.accumulation_steps
         start = self.step % self.steps_per_epoch
-        _seed_everything(_derived_seed(self.config.seed, self.session.rank, epoch, start))
+        seed_everything(derived_seed(self.config.seed, self.session.rank, epoch, start))
         batches = self.data.train_batches(
             self.config.optim.batch_size,
             (self.steps_per_epoch - start) * accumulation,
-            seed=_derived_seed(self.config.seed, self.session.rank, epoch, start, 1),
+            seed=derived_seed(self.config.seed, self.session.rank, epoch, start, 1),
         )
         self.ddp.train()
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, batches
-        window = _Window(self.device)
+        window = LossWindow(self.device)
         progress = tqdm(
             total=self.steps_per_epoch,
             initial=start,
@@ -246,38 +232,9 @@ class Pretraining:
             self.scaler.scale(loss / self.config.optim.accumulation_steps).backward()
         return loss.detach()
 
-    def optimizer_step(self) -> float | None:
-        grad_norm = None
-        if self.config.optim.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def log_step(self, window: _Window, lr: float, grad_norm: float | None, progress: tqdm) -> None:
-        """Loss averaged over all workers and the steps since the last log; every rank must call this."""
-        loss, seconds, batches = window.drain()
-        if not self.is_main:
-            return
-        images = batches * self.config.optim.batch_size * self.session.world_size
-        metrics = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/throughput_img_s": images / seconds,
-            "train/epoch": self.step / self.steps_per_epoch,
-        }
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = grad_norm
-        if self.scaler.is_enabled():
-            metrics["train/loss_scale"] = self.scaler.get_scale()
-        self.run_log.metrics(metrics, self.step)
-        self.run_log.flush()
-        self.history["step"].append(self.step)
-        self.history["loss"].append(loss)
-        self.history["lr"].append(lr)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    def step_metrics(self, batches: int) -> dict[str, float]:
+        """The fp16 loss scale (a falling scale means overflowing gradients)."""
+        return {"train/loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
 
     # ------------------------------------------------------------- validation
     def validate(self, epoch: int) -> dict[str, float]:
@@ -328,42 +285,11 @@ class Pretraining:
         self.run_log.artifact(self.config.metrics, "metrics")
 
     def system_info(self, resumed_from: int | None) -> dict[str, Any]:
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return {
-            "system.world_size": self.session.world_size,
-            "system.device": self.device.type,
-            "system.gpus": ", ".join(gpus) if gpus else "none",
-            "system.host": platform.node(),
-            "system.torch": torch.__version__,
-            "system.precision": str(self.dtype or torch.float32).removeprefix("torch."),
+            **super().system_info(resumed_from),
             "train.global_batch": self.images_per_step,
             "train.peak_lr": self.lrs.peak,
-            "train.steps_per_epoch": self.steps_per_epoch,
-            "train.resumed_from_step": resumed_from if resumed_from is not None else "none",
         }
-
-
-class _Window:
-    """Loss sum, micro-batch count and wall time since the last log; `drain` averages the loss over all workers."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.totals = torch.zeros(2, dtype=torch.float64, device=device)
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.totals[0] += loss.double()
-        self.totals[1] += 1
-
-    def drain(self) -> tuple[float, float, int]:
-        """(mean loss over workers, seconds elapsed, micro-batches per worker) and reset."""
-        totals = self.totals.clone()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        seconds = time.perf_counter() - self.started
-        batches = int(self.totals[1].item())
-        self.totals.zero_()
-        self.started = time.perf_counter()
-        return (totals[0] / totals[1]).item(), seconds, batches
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
