@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from PIL import Image
 
 from vig import report, tracking
@@ -161,3 +162,14 @@ def test_memory_claim_is_checked_against_peak_memory_of_a_gpu_run():
         assert row[4] == (f"{percent}% less" if percent >= 0 else f"{-percent}% more")
         expected = "holds" if saving >= claim.paper else f"falls short by {100 * (claim.paper - saving):.0f} points"
         assert row[5] == expected
+
+
+def test_report_stage_runs_after_every_stage_whose_metrics_it_reports():
+    """dvc orders stages by their deps only: the report must depend on each stage's metrics file to run last."""
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    report_deps = set(stages["report"]["deps"])
+    for name, stage in stages.items():
+        metrics = [entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get("metrics", [])]
+        if name != "report":
+            assert name in report.STAGES and metrics and set(metrics) <= report_deps, name
+    assert set(report.STAGES) == set(stages) - {"report"}
