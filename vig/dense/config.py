@@ -11,7 +11,7 @@ from typing import Any
 
 from vig.dense.detection import MaskRCNNConfig
 from vig.dense.segmentation import UperNetConfig
-from vig.engine.config import BACKENDS, PRECISIONS, _check_choice, from_dict
+from vig.engine.config import BACKENDS, PRECISIONS, check_choice, from_dict
 
 INIT_KINDS = ("pretrain", "official", "none")
 PRETRAIN_WEIGHTS = ("auto", "model", "ema")
@@ -90,10 +90,10 @@ class _RunConfig:
     optim: DenseOptimConfig = field(default_factory=DenseOptimConfig)
 
     def _validate(self, section: str) -> None:
-        _check_choice(f"{section}.backend", self.backend, BACKENDS)
-        _check_choice(f"{section}.precision", self.precision, PRECISIONS)
-        _check_choice(f"{section}.init.kind", self.init.kind, INIT_KINDS)
-        _check_choice(f"{section}.init.weights", self.init.weights, PRETRAIN_WEIGHTS)
+        check_choice(f"{section}.backend", self.backend, BACKENDS)
+        check_choice(f"{section}.precision", self.precision, PRECISIONS)
+        check_choice(f"{section}.init.kind", self.init.kind, INIT_KINDS)
+        check_choice(f"{section}.init.weights", self.init.weights, PRETRAIN_WEIGHTS)
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"{section}.use_gpu must be auto, true or false, got {self.use_gpu!r}")
 
@@ -161,7 +161,7 @@ class EvaluateDetConfig:
     plot: str = "plots/evaluate_det_predictions.png"
 
     def validate(self) -> EvaluateDetConfig:
-        _check_choice("evaluate_det.precision", self.precision, PRECISIONS)
+        check_choice("evaluate_det.precision", self.precision, PRECISIONS)
         return self
 
 
@@ -183,9 +183,9 @@ class EvaluateSegConfig:
     plot: str = "plots/evaluate_seg_predictions.png"
 
     def validate(self) -> EvaluateSegConfig:
-        _check_choice("evaluate_seg.precision", self.precision, PRECISIONS)
+        check_choice("evaluate_seg.precision", self.precision, PRECISIONS)
         for mode in self.modes:
-            _check_choice("evaluate_seg.modes[]", mode, SEG_INFERENCE)
+            check_choice("evaluate_seg.modes[]", mode, SEG_INFERENCE)
         if not self.modes:
             raise ValueError("evaluate_seg.modes is empty: list whole and/or slide")
         return self

@@ -91,8 +91,8 @@ class PretrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
 
     def validate(self) -> PretrainConfig:
-        _check_choice("pretrain.backend", self.backend, BACKENDS)
-        _check_choice("pretrain.precision", self.precision, PRECISIONS)
+        check_choice("pretrain.backend", self.backend, BACKENDS)
+        check_choice("pretrain.precision", self.precision, PRECISIONS)
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"pretrain.use_gpu must be auto, true or false, got {self.use_gpu!r}")
         for name in ("num_workers", "cpus_per_worker", "eval_every_epochs", "keep_checkpoints", "log_every_steps"):
@@ -147,13 +147,14 @@ class EvaluateConfig:
     metrics: str = "metrics/evaluate.json"
 
     def validate(self) -> EvaluateConfig:
-        _check_choice("evaluate.backend", self.backend, BACKENDS)
-        _check_choice("evaluate.precision", self.precision, PRECISIONS)
-        _check_choice("evaluate.checkpoint.kind", self.checkpoint.kind, ("pretrain", "official"))
+        check_choice("evaluate.backend", self.backend, BACKENDS)
+        check_choice("evaluate.precision", self.precision, PRECISIONS)
+        check_choice("evaluate.checkpoint.kind", self.checkpoint.kind, ("pretrain", "official"))
         return self
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the param `name` and its allowed values if `value` is not one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
