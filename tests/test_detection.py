@@ -143,7 +143,7 @@ def test_finetune_det_on_ray_workers_lowers_the_loss_logs_pictures_and_evaluates
     with stage_run("finetune_det", section, experiment="unit") as run:
         metrics = finetune_detection(config, run.info.run_id)
     # 8 scenes, 2 workers x 2 images per step: 2 steps per epoch.
-    assert metrics["steps"] == 12 and metrics["global_batch"] == 4
+    assert metrics["steps"] == 12 and metrics["global_batch"] == 4 and metrics["train_images_per_s"] > 0
     client = mlflow.MlflowClient(mlflow_store)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 12

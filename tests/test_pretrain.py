@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from classification_shards import write_digit_shards
@@ -128,6 +129,7 @@ def test_mlflow_run_holds_params_system_info_checkpoints_and_plot(ray_run, tmp_p
     assert run.data.tags["system.world_size"] == "2" and run.data.tags["system.gpus"] == "none"
     throughput = client.get_metric_history(run_id, "train/throughput_img_s")
     assert len(throughput) == STEPS_PER_EPOCH * EPOCHS and all(m.value > 0 for m in throughput)
+    assert ray_run["summary"]["train_images_per_s"] == pytest.approx(float(np.median([m.value for m in throughput])))
     artifacts = {a.path for folder in ("checkpoints", "plots") for a in client.list_artifacts(run_id, folder)}
     assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png"}
     plot = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots/curves.png", dst_path=str(tmp_path))

@@ -347,6 +347,7 @@ class DenseFinetuning(TrainingWorker):
             "steps": self.step,
             "epochs": len(self.history["epochs"]),
             "global_batch": self.config.optim.batch_size * self.session.world_size,
+            "train_images_per_s": self.median_throughput(),
             "seconds_this_session": round(time.perf_counter() - self.started, 1),
         }
         write_json(self.config.metrics, summary)

@@ -275,6 +275,7 @@ class Pretraining(TrainingWorker):
             "steps": self.step,
             "epochs": self.config.optim.epochs,
             "global_batch": self.images_per_step,
+            "train_images_per_s": self.median_throughput(),
         }
         write_json(self.config.metrics, summary)
         self.run_log.metrics({f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, self.step)

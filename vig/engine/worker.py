@@ -103,7 +103,14 @@ class TrainingWorker:
         self.history["step"].append(self.step)
         self.history["loss"].append(loss)
         self.history["lr"].append(lr)
+        self.history.setdefault("throughput", []).append(images / seconds)  # absent from older checkpoints
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def median_throughput(self) -> float | None:
+        """Median training img/s over the logged windows: the first window's compile and autotuning hardly move
+        it. None when nothing was logged."""
+        values = self.history.get("throughput")
+        return float(np.median(values)) if values else None
 
     def system_info(self, resumed_from: int | None) -> dict[str, Any]:
         """Tags of the MLflow run: the machine, the precision, the step plan and where the run resumed."""
