@@ -223,38 +223,19 @@ class DenseFinetuning(TrainingWorker):
         self.history = saved["history"]
         return self.step
 
-    def checkpoint(self, metrics: dict[str, float]) -> None:
-        with self.session.staging_dir() as folder:
-            if self.is_main:
-                state.save(
-                    {
-                        "format": STATE_FORMAT,
-                        "signature": self.signature,
-                        "model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict(),
-                        "step": self.step,
-                        "history": self.history,
-                    },
-                    folder / state.STATE_FILE,
-                )
-            self.session.report({"step": self.step, **metrics}, folder if self.is_main else None, self.step)
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "signature": self.signature,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "history": self.history,
+        }
 
     # -------------------------------------------------------------- training
-    def run(self) -> None:
-        resumed_from = self.restore()
-        if self.is_main:
-            self.run_log.tags(self.system_info(resumed_from))
-        fail_armed = self.config.fail_at_step is not None and resumed_from is None
-        while self.step < self.total_steps:
-            epoch = self.step // self.steps_per_epoch
-            train_loss = self.train_epoch(epoch, fail_armed)
-            self.history["epochs"].append({"epoch": epoch + 1, "train_loss": train_loss})
-            self.checkpoint({"train_loss": train_loss})
-        if self.is_main:
-            self.write_outputs()
-
     def train_epoch(self, epoch: int, fail_armed: bool) -> float:
         start = self.step % self.steps_per_epoch
         todo = min(self.steps_per_epoch - start, self.total_steps - self.step)

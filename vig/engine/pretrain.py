@@ -144,29 +144,12 @@ class Pretraining(TrainingWorker):
             "best": self.best,
         }
 
-    def checkpoint(self, metrics: dict[str, float]) -> None:
-        with self.session.staging_dir() as folder:
-            if self.is_main:
-                state.save(self.training_state(), folder / state.STATE_FILE)
-            self.session.report({"step": self.step, **metrics}, folder if self.is_main else None, self.step)
-
     # --------------------------------------------------------------- training
-    def run(self) -> None:
-        resumed_from = self.restore()
-        if self.is_main:
-            self.run_log.tags(self.system_info(resumed_from))
-        fail_armed = self.config.fail_at_step is not None and resumed_from is None
-        while self.step < self.total_steps:
-            epoch = self.step // self.steps_per_epoch
-            train_loss = self.train_epoch(epoch, fail_armed)
-            last_epoch = epoch + 1 == self.config.optim.epochs
-            metrics = {"train_loss": train_loss}
-            if last_epoch or (epoch + 1) % self.config.eval_every_epochs == 0:
-                metrics.update(self.validate(epoch))
-            self.history["epochs"].append({"epoch": epoch + 1, **metrics})
-            self.checkpoint(metrics)
-        if self.is_main:
-            self.write_outputs()
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        last_epoch = epoch + 1 == self.config.optim.epochs
+        if last_epoch or (epoch + 1) % self.config.eval_every_epochs == 0:
+            return self.validate(epoch)
+        return {}
 
     def train_epoch(self, epoch: int, fail_armed: bool) -> float:
         accumulation = self.config.optim.accumulation_steps

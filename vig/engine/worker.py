@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from vig.engine import state
 from vig.engine.run_log import RunLog
 from vig.engine.session import Session
 
@@ -66,7 +67,50 @@ class TrainingWorker:
     scaler: torch.amp.GradScaler
     step: int
     steps_per_epoch: int
+    total_steps: int
     history: dict[str, Any]
+
+    # ------------------------------------------------ what each training loop defines
+    def restore(self) -> int | None:
+        """Load the latest checkpoint of this run if there is one; returns its step (None: a fresh start)."""
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int, fail_armed: bool) -> float:
+        """Train the rest of `epoch`; returns its mean training loss."""
+        raise NotImplementedError
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        """Metrics measured after an epoch besides its training loss (e.g. validation when it is due)."""
+        return {}
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs, saved with each checkpoint."""
+        raise NotImplementedError
+
+    def write_outputs(self) -> None:
+        """Rank 0, after the last epoch: the stage's weights, metrics file and pictures."""
+        raise NotImplementedError
+
+    # ------------------------------------------------ the loop
+    def run(self) -> None:
+        resumed_from = self.restore()
+        if self.is_main:
+            self.run_log.tags(self.system_info(resumed_from))
+        fail_armed = self.config.fail_at_step is not None and resumed_from is None
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            metrics = {"train_loss": self.train_epoch(epoch, fail_armed), **self.epoch_end(epoch)}
+            self.history["epochs"].append({"epoch": epoch + 1, **metrics})
+            self.checkpoint(metrics)
+        if self.is_main:
+            self.write_outputs()
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Every rank reports; rank 0's report carries the training state as a Ray Train checkpoint."""
+        with self.session.staging_dir() as folder:
+            if self.is_main:
+                state.save(self.training_state(), folder / state.STATE_FILE)
+            self.session.report({"step": self.step, **metrics}, folder if self.is_main else None, self.step)
 
     def optimizer_step(self) -> float | None:
         """Unscale, clip (when `optim.clip_grad`), step and zero the gradients; returns the norm before clipping."""
