@@ -247,9 +247,9 @@ def test_compiled_variants_are_labelled_and_compared_with_compiled_and_eager_bas
     compile_calls = []
     real_compile = torch.compile
 
-    def compile_without_a_cpp_toolchain(model, mode):
-        compile_calls.append(mode)
-        return real_compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks allowed
+    def compile_without_a_cpp_toolchain(model, mode, dynamic):
+        compile_calls.append((mode, dynamic))
+        return real_compile(model, backend="aot_eager", fullgraph=True, dynamic=dynamic)  # fullgraph: no breaks
 
     monkeypatch.setattr(torch, "compile", compile_without_a_cpp_toolchain)
     base = tiny_config()
@@ -259,7 +259,7 @@ def test_compiled_variants_are_labelled_and_compared_with_compiled_and_eager_bas
                                                 "deit_micro_fused_compiled"]  # fmt: skip
     record = benchmark.run_benchmark(config)
 
-    assert compile_calls == ["max-autotune", "max-autotune"]  # once per compiled model and resolution
+    assert compile_calls == [("max-autotune", False)] * 2  # once per compiled model and resolution, static shapes
     assert all(r["status"] == "ok" for r in record["results"]) and len(record["results"]) == 8
     assert {r["execution"] for r in record["results"] if r["label"].endswith("_compiled")} == {"compiled"}
     pairs = {(q["model"], q["baseline"]) for q in record["ratios"]}

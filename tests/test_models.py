@@ -50,10 +50,14 @@ def test_create_model_overrides_and_activation_flags():
 
 @pytest.mark.parametrize("name, kwargs", [("vig_tiny", PLAIN_SMALL), ("vig_h_tiny", HIER_SMALL)])
 def test_model_compiles_as_one_graph_with_eager_outputs_and_gradients(name, kwargs):
-    """torch.compile(fullgraph=True) traces the whole model (aot_eager: no C++ toolchain needed on CPU)."""
+    """torch.compile(fullgraph=True) traces the whole model (aot_eager: no C++ toolchain needed on CPU).
+
+    Static shapes, as the benchmark compiles: after other tests compiled the same code at other sizes, torch
+    2.14 would trace dynamic shapes, whose backward graph views a gradient that is not contiguous at run time.
+    """
     torch.manual_seed(0)
     model = make(name, num_classes=5, drop_path_rate=0.0, **kwargs)  # training mode, deterministic
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     x = torch.randn(2, 3, 64, 48)
     first_layer = next(model.parameters())  # its gradient flows back through every block
     expected = model(x)

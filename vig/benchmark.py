@@ -474,9 +474,10 @@ def runs_cuda_graphs(spec: ModelSpec, config: BenchmarkConfig) -> bool:
 
 
 def _executable(model: nn.Module, spec: ModelSpec, config: BenchmarkConfig) -> nn.Module:
-    """The model as the spec runs it: itself, or compiled (compilation happens in the first warm-up pass)."""
+    """The model as the spec runs it: itself, or compiled for the cell's fixed shapes (compilation happens in the
+    first warm-up pass; static shapes also keep later resolutions from turning on dynamic-shape tracing)."""
     if spec.execution == "compiled":
-        return torch.compile(model, mode=config.compile_mode)
+        return torch.compile(model, mode=config.compile_mode, dynamic=False)
     return model
 
 
