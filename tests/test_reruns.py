@@ -17,7 +17,7 @@ from vig.params import flatten
 # each bounded by PIPELINE_TIMEOUT_S.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-EXP_PARAM = "evaluate_det.mask_threshold"  # a leaf stage: the experiment reruns that stage alone
+EXP_PARAM = "evaluate_det.mask_threshold"  # only the report depends on evaluate_det: the experiment reruns both
 EXP_VALUE = 0.4
 EXP_NAME = "smoke-mask-threshold"
 
