@@ -17,7 +17,7 @@ from vig.params import flatten
 # each bounded by PIPELINE_TIMEOUT_S.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-EXP_PARAM = "evaluate_det.mask_threshold"  # only the report depends on evaluate_det: the experiment reruns both
+EXP_PARAM = "evaluate_det.mask_threshold"  # only the report depends on evaluate_det
 EXP_VALUE = 0.4
 EXP_NAME = "smoke-mask-threshold"
 
@@ -54,11 +54,11 @@ def test_param_change_reruns_the_stage_and_everything_downstream_and_nothing_ups
 def test_dvc_exp_run_metrics_show_in_exp_show_and_in_mlflow(pretrain_rerun: ParamRerun):
     root = pretrain_rerun.pipeline.root
     stage = EXP_PARAM.split(".")[0]
-    rerun_expected = {stage} | dvc_downstream(root, stage)  # the stage and the report that gathers its metrics
-    assert stage in pretrain_rerun.pipeline.stages and rerun_expected == {stage, "report"}
+    assert stage in pretrain_rerun.pipeline.stages and dvc_downstream(root, stage) == {"report"}
     done = run(root, sys.executable, "-m", "dvc", "exp", "run", "-n", EXP_NAME, "-S", f"{EXP_PARAM}={EXP_VALUE}")
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == rerun_expected, done.stdout
+    # The report reruns only if the stage's metrics file changed (the smoke run's AP may be 0 at any threshold).
+    assert stage in ran and ran <= {stage, "report"}, done.stdout
 
     shown = json.loads(run(root, sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     experiments = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
