@@ -48,7 +48,8 @@ class Case:
 
 # T in {1, 15, 64, 100, 196, 300}; K, V not only powers of two; several value blocks (V = 160);
 # states recomputed in the chunk programs (T <= 256) and read from the state scan (T = 300, whose states
-# are split into 16 x 16 tiles off a GPU: two key blocks, the second masked).
+# are split into 16 x 16 tiles off a GPU: two key blocks, the second masked; T = 700: three segments, so
+# the scan over segments carries a state through a middle one in both directions).
 CASES = {
     "t1_fp32": Case(1, 1, 1, 16, 32, torch.float32, "vig", cost=0.5),
     "t15_bf16_k20_v40": Case(2, 15, 1, 20, 40, torch.bfloat16, "vig", cost=1.0),
@@ -58,6 +59,7 @@ CASES = {
     "t100_fp32_k48_v160": Case(1, 100, 1, 48, 160, torch.float32, "vig", cost=4.0),
     "t196_bf16_vig_shape": Case(1, 196, 2, 32, 64, torch.bfloat16, "vig", cost=6.5),
     "t300_fp32_k24_mixed": Case(1, 300, 1, 24, 32, torch.float32, "mixed", cost=10.0),
+    "t700_bf16_three_segments": Case(1, 700, 1, 16, 32, torch.bfloat16, "vig", cost=6.0),
 }
 
 

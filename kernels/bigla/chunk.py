@@ -12,8 +12,9 @@ around a diagonal block's middle row, bounded there), so nothing overflows howev
 
 - T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
   launch per pass;
-- longer T: a scan kernel first writes the states at every segment's edges (one program per (batch,
-  head, state kind, state tile), SCAN_CHUNK-token steps), and the segments run in parallel from them.
+- longer T: the states at every segment's edge come first, in two launches: each segment's own
+  contribution to each state (all segments in parallel, SCAN_CHUNK-token steps), then a scan over the
+  segments that combines them (T / SEGMENT steps); the segments then run in parallel from those states.
   The decay is diagonal in the key channels, so every [key block, value block] tile of a state evolves
   on its own: few sequences (a 2048^2 image has B * H = 12 at batch 4) are split into small tiles to
   keep the GPU busy, many keep whole states (fewer redundant loads).
@@ -42,6 +43,7 @@ SCAN_CHUNK = 64  # BT: tokens per step of the state scan across segments
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
 DIAG_MATMUL_LIMIT = 40.0
+
 # Value channels per program of the sweeps (more blocks: more programs in flight, smaller states, the
 # diagonal scores recomputed per block); VIG_BIGLA_BLOCK_V=16|32|64 overrides it for tuning runs.
 MAX_BLOCK_V = int(os.environ.get("VIG_BIGLA_BLOCK_V", "64"))
@@ -55,17 +57,17 @@ AUTOTUNE_CACHE = ({"cache_results": os.environ.get("VIG_BIGLA_AUTOTUNE_CACHE", "
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def _autotune_configs(num_stages: int) -> list[triton.Config]:
-    """Configs to search: 4 and 8 warps at num_stages by default (each config is another compile of a
-    large kernel); VIG_BIGLA_CONFIGS="warps:stages,..." replaces the list (tuning runs). The interpreter
-    cannot benchmark configs (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time
-    matters more than speed (tests): one config each."""
+def _autotune_configs(num_stages: int, warps: tuple[int, ...] = (4, 8)) -> list[triton.Config]:
+    """Configs to search: `warps` at num_stages by default (each config is another compile of a large
+    kernel); VIG_BIGLA_CONFIGS="warps:stages,..." replaces the list (tuning runs). The interpreter cannot
+    benchmark configs (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time matters
+    more than speed (tests): one config each."""
     if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
         return [triton.Config({}, num_warps=4, num_stages=num_stages)]
     if os.environ.get("VIG_BIGLA_CONFIGS"):
         pairs = [item.split(":") for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
         return [triton.Config({}, num_warps=int(w), num_stages=int(s)) for w, s in pairs]
-    return [triton.Config({}, num_warps=w, num_stages=num_stages) for w in (4, 8)]
+    return [triton.Config({}, num_warps=w, num_stages=num_stages) for w in warps]
 
 
 @triton.jit
@@ -79,11 +81,18 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, base, row0, T, stride, cols, col_mask, NROWS: tl.constexpr):
-    """Rows row0 .. row0+NROWS-1 of a token-major tensor as fp32; rows past T and masked columns read 0."""
+def _load_raw(ptr, base, row0, T, stride, cols, col_mask, NROWS: tl.constexpr):
+    """Rows row0 .. row0+NROWS-1 of a token-major tensor in its own dtype; rows past T and masked columns
+    read 0. Kept raw when loaded a step ahead, so nothing waits for the load before its first use."""
     rows = row0 + tl.arange(0, NROWS)
     mask = (rows < T)[:, None] & col_mask[None, :]
-    return tl.load(ptr + base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(ptr, base, row0, T, stride, cols, col_mask, NROWS: tl.constexpr):
+    """_load_raw as fp32."""
+    return _load_raw(ptr, base, row0, T, stride, cols, col_mask, NROWS).to(tl.float32)
 
 
 @triton.jit
@@ -97,7 +106,8 @@ def _store_rows(ptr, base, row0, T, stride, cols, col_mask, value, NROWS: tl.con
 def _scan_step(h, x_ptr, x_base, x_stride, g_ptr, g_base, g_stride, y_ptr, y_base, y_stride, chunk, T,
                o_k, m_k, o_v, m_v, BT: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
                PRECISION: tl.constexpr):
-    """Carry a [K, V] state across one chunk: h <- diag(exp(sum of the chunk's gates)) h + (x * decay)^T y.
+    """Carry a [K, V] state across one chunk: h <- diag(exp(sum of the chunk's gates)) h + (x * decay)^T y;
+    returns the new h and that sum of gates.
 
     Left to right (REVERSE False) the decay of token t runs to the chunk's last token, right to left to its
     first; INCLUSIVE says whether token t's own gate is part of it. The four states of BiGLA are:
@@ -114,8 +124,8 @@ def _scan_step(h, x_ptr, x_base, x_stride, g_ptr, g_base, g_stride, y_ptr, y_bas
         e = tl.cumsum(g, 0, reverse=True)
     if not INCLUSIVE:
         e = e - g
-    h = h * tl.exp(tl.sum(g, 0))[:, None]
-    return h + _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
+    g_sum = tl.sum(g, 0)
+    return h * tl.exp(g_sum)[:, None] + _mm(tl.trans(x * tl.exp(e)), y, PRECISION), g_sum
 
 
 @triton.jit
@@ -232,7 +242,7 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
     return q_i, k_i, v_i, gf_i, gb_i
 
 
-@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
@@ -270,10 +280,21 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
     c0 = i_s * SEG
     n_sub = tl.cdiv(tl.minimum(SEG, T - c0), BC)
 
+    # Each step's tiles are loaded one step ahead (the loads do not depend on the carried state), so their
+    # latency overlaps the previous step's arithmetic; the last prefetch of a sweep re-reads a valid tile.
+    r0 = c0 + (n_sub - 1) * BC
+    q_n = _load_raw(q, bq, r0, T, q_st, o_k, m_k, BC)
+    k_n = _load_raw(k, bk, r0, T, k_st, o_k, m_k, BC)
+    v_n = _load_raw(v, bv, r0, T, v_st, o_v, m_v, BC)
+    gb_n = _load_raw(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
     for j in range(0, n_sub):  # right to left: R, the state of the tokens right of sub-chunk i
         r0 = c0 + (n_sub - 1 - j) * BC
-        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
+        q_i, k_i, v_i, gb_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32), gb_n.to(tl.float32)
+        r_next = tl.maximum(r0 - BC, c0)
+        q_n = _load_raw(q, bq, r_next, T, q_st, o_k, m_k, BC)
+        k_n = _load_raw(k, bk, r_next, T, k_st, o_k, m_k, BC)
+        v_n = _load_raw(v, bv, r_next, T, v_st, o_v, m_v, BC)
+        gb_n = _load_raw(gb, bgb, r_next, T, gb_st, o_k, m_k, BC)
         Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
         _store_rows(o_bwd, bo, r0, T, HV, o_v, m_v, _mm(q_i * tl.exp(Bl), h, PRECISION), BC)
         # R <- R decayed across the sub-chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
@@ -285,13 +306,26 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
         h = tl.load(hf_states + offs, mask=m_s, other=0.0)
     else:
         h = tl.zeros([BK, BV], tl.float32)
+    q_n = _load_raw(q, bq, c0, T, q_st, o_k, m_k, BC)
+    k_n = _load_raw(k, bk, c0, T, k_st, o_k, m_k, BC)
+    v_n = _load_raw(v, bv, c0, T, v_st, o_v, m_v, BC)
+    gf_n = _load_raw(gf, bgf, c0, T, gf_st, o_k, m_k, BC)
+    gb_n = _load_raw(gb, bgb, c0, T, gb_st, o_k, m_k, BC)
+    ob_n = _load_raw(o_bwd, bo, c0, T, HV, o_v, m_v, BC)
     for i in range(0, n_sub):  # left to right: S, the state of the tokens left of sub-chunk i
         r0 = c0 + i * BC
-        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
+        q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
+        gf_i, gb_i, ob_i = gf_n.to(tl.float32), gb_n.to(tl.float32), ob_n
+        r_next = tl.minimum(r0 + BC, c0 + (n_sub - 1) * BC)
+        q_n = _load_raw(q, bq, r_next, T, q_st, o_k, m_k, BC)
+        k_n = _load_raw(k, bk, r_next, T, k_st, o_k, m_k, BC)
+        v_n = _load_raw(v, bv, r_next, T, v_st, o_v, m_v, BC)
+        gf_n = _load_raw(gf, bgf, r_next, T, gf_st, o_k, m_k, BC)
+        gb_n = _load_raw(gb, bgb, r_next, T, gb_st, o_k, m_k, BC)
+        ob_n = _load_raw(o_bwd, bo, r_next, T, HV, o_v, m_v, BC)
         Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
         Bl = tl.cumsum(gb_i, 0, reverse=True)
-        b_o = _mm(q_i * tl.exp(Fl), h, PRECISION) + _load_rows(o_bwd, bo, r0, T, HV, o_v, m_v, BC)
+        b_o = _mm(q_i * tl.exp(Fl), h, PRECISION) + ob_i
         D = _diag_scores(q_i, k_i, gf_i, gb_i, Fl, Bl, BC, LIMIT, PRECISION)
         b_o += _mm(D, v_i, PRECISION) + 2.0 * tl.sum(q_i * k_i, 1)[:, None] * v_i
         _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BC)
@@ -408,19 +442,23 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, 
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "WITH_GRAD", "BK", "BV"],
-                 **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "BK", "BV"], **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, dhb_states,
-                        q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
-                        K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr):
-    """The states at every segment's edges, one scan of one [BK, BV] state tile per program (BT-token steps):
-    axis 0 picks the tile, axis 2 the forward state entering from the left, the backward state entering
-    from the right and (WITH_GRAD) the gradients of the forward state at the segment's last token and of
-    the backward state at its first. do is contiguous."""
-    i_kv, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
+                                q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
+                                K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
+                                BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """One segment's own contribution to one [BK, BV] tile of a state: its tokens scanned from a zero state
+    (BT-token steps), into local[kind, batch*head, segment]; with the first value block, the sum of the
+    segment's gates per key channel into log_decay. Axis 0 picks the tile and the segment, axis 2 the kind:
+    0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k, v, g_bwd, right to left,
+    exclusive), 2 gradient of the forward state (q, do, g_fwd, right to left, inclusive), 3 gradient of
+    the backward state (q, do, g_bwd, left to right, inclusive). Every segment runs in parallel; do is
+    contiguous."""
+    i_tn, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NKB: tl.constexpr = (K + BK - 1) // BK
+    NTILES: tl.constexpr = NKB * ((V + BV - 1) // BV)
+    i_kv, i_n = i_tn % NTILES, i_tn // NTILES
     i_k, i_v = i_kv % NKB, i_kv // NKB
     i_b, i_h = i_bh // H, i_bh % H
     i_b64 = i_b.to(tl.int64)
@@ -436,43 +474,58 @@ def bigla_states_kernel(q, k, v, do, gf, gb, hf_states, hb_states, dhf_states, d
     bdo = (i_b64 * T * H + i_h) * V
     CPS: tl.constexpr = SEG // BT  # scan steps per segment
     h = tl.zeros([BK, BV], tl.float32)
-    if (i_d == 0) | (i_d == 3):  # left to right: forward state (k, v, g_fwd) or backward-state gradient (q, do, g_bwd)
-        for n in range(0, NS - 1):
-            offs, m_s = _state_offsets(i_bh, n, NS, o_k, m_k, o_v, m_v, K, V)
-            if i_d == 0:
-                tl.store(hf_states + offs, h, mask=m_s)
-                for c in range(0, CPS):
-                    h = _scan_step(h, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, n * CPS + c, T, o_k, m_k, o_v, m_v,
-                                   BT, False, False, PRECISION)
-            elif WITH_GRAD:
-                tl.store(dhb_states + offs, h, mask=m_s)
-                for c in range(0, CPS):
-                    h = _scan_step(h, q, bq, q_st, gb, bgb, gb_st, do, bdo, H * V, n * CPS + c, T, o_k, m_k, o_v,
-                                   m_v, BT, False, True, PRECISION)
-        offs, m_s = _state_offsets(i_bh, NS - 1, NS, o_k, m_k, o_v, m_v, K, V)
+    total = tl.zeros([BK], tl.float32)
+    for c in range(0, CPS):
         if i_d == 0:
-            tl.store(hf_states + offs, h, mask=m_s)
-        elif WITH_GRAD:
-            tl.store(dhb_states + offs, h, mask=m_s)
-    else:  # right to left: backward state (k, v, g_bwd) or forward-state gradient (q, do, g_fwd)
-        for j in range(0, NS - 1):
-            n = NS - 1 - j
-            offs, m_s = _state_offsets(i_bh, n, NS, o_k, m_k, o_v, m_v, K, V)
-            if i_d == 1:
-                tl.store(hb_states + offs, h, mask=m_s)
-                for c in range(0, CPS):
-                    h = _scan_step(h, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, n * CPS + CPS - 1 - c, T, o_k, m_k,
-                                   o_v, m_v, BT, True, False, PRECISION)
-            elif WITH_GRAD:
-                tl.store(dhf_states + offs, h, mask=m_s)
-                for c in range(0, CPS):
-                    h = _scan_step(h, q, bq, q_st, gf, bgf, gf_st, do, bdo, H * V, n * CPS + CPS - 1 - c, T, o_k,
-                                   m_k, o_v, m_v, BT, True, True, PRECISION)
-        offs, m_s = _state_offsets(i_bh, 0, NS, o_k, m_k, o_v, m_v, K, V)
-        if i_d == 1:
-            tl.store(hb_states + offs, h, mask=m_s)
-        elif WITH_GRAD:
-            tl.store(dhf_states + offs, h, mask=m_s)
+            h, g_sum = _scan_step(h, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, i_n * CPS + c, T, o_k, m_k, o_v,
+                                  m_v, BT, False, False, PRECISION)
+        elif i_d == 1:
+            h, g_sum = _scan_step(h, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, i_n * CPS + CPS - 1 - c, T, o_k,
+                                  m_k, o_v, m_v, BT, True, False, PRECISION)
+        elif i_d == 2:
+            h, g_sum = _scan_step(h, q, bq, q_st, gf, bgf, gf_st, do, bdo, H * V, i_n * CPS + CPS - 1 - c, T,
+                                  o_k, m_k, o_v, m_v, BT, True, True, PRECISION)
+        else:
+            h, g_sum = _scan_step(h, q, bq, q_st, gb, bgb, gb_st, do, bdo, H * V, i_n * CPS + c, T, o_k, m_k,
+                                  o_v, m_v, BT, False, True, PRECISION)
+        total += g_sum
+    i_dbh = i_d * tl.num_programs(1) + i_bh
+    offs, m_s = _state_offsets(i_dbh, i_n, NS, o_k, m_k, o_v, m_v, K, V)
+    tl.store(local + offs, h, mask=m_s)
+    if i_v == 0:
+        tl.store(log_decay + (i_dbh.to(tl.int64) * NS + i_n) * K + o_k, total, mask=m_k)
+
+
+@triton.jit
+def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                                BV: tl.constexpr):
+    """The state entering every segment, for one [BK, BV] tile of one kind (axis 2, numbered as in
+    bigla_segment_states_kernel) of one batch*head: h <- diag(exp(log_decay[n])) h + local[n], segment after
+    segment in the kind's direction; each step's inputs are loaded one step ahead."""
+    i_kv, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NKB: tl.constexpr = (K + BK - 1) // BK
+    i_k, i_v = i_kv % NKB, i_kv // NKB
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    i_dbh = i_d * tl.num_programs(1) + i_bh
+    left_to_right = (i_d == 0) | (i_d == 3)
+    n = tl.where(left_to_right, 0, NS - 1)
+    step = tl.where(left_to_right, 1, -1)
+    offs, m_s = _state_offsets(i_dbh, n, NS, o_k, m_k, o_v, m_v, K, V)
+    loc = tl.load(local + offs, mask=m_s, other=0.0)
+    dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n) * K + o_k, mask=m_k, other=0.0)
+    h = tl.zeros([BK, BV], tl.float32)
+    for _ in range(0, NS):
+        tl.store(states + offs, h, mask=m_s)
+        h = h * tl.exp(dec)[:, None] + loc
+        n_next = tl.minimum(tl.maximum(n + step, 0), NS - 1)  # the last prefetch re-reads a valid segment
+        next_offs, m_s = _state_offsets(i_dbh, n_next, NS, o_k, m_k, o_v, m_v, K, V)
+        loc = tl.load(local + next_offs, mask=m_s, other=0.0)
+        dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n_next) * K + o_k, mask=m_k, other=0.0)
+        offs = next_offs
+        n = n_next
 
 
 def _head_strided(x: torch.Tensor) -> torch.Tensor:
@@ -493,16 +546,21 @@ def _kernel_args(q, k, v, g_fwd, g_bwd):
 
 
 def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) -> list[torch.Tensor]:
-    """The states at the segments' edges from the scan kernel: 2 kinds (forward pass) or 4 (backward)."""
+    """The states entering every segment, fp32 [B * H, NS, K, V] each: 2 kinds (forward pass) or 4
+    (backward). Two launches: every segment's own contribution in parallel, then a short scan over the
+    segments that combines them (NS steps instead of T / SCAN_CHUNK)."""
     B, K, V = q.shape[0], common["K"], common["V"]
-    states = [torch.empty(B * H, NS, K, V, dtype=torch.float32, device=q.device) for _ in range(kinds)]
-    hf, hb, dhf, dhb = states if kinds == 4 else (*states, *states)
+    local = torch.empty(kinds, B * H, NS, K, V, dtype=torch.float32, device=q.device)
+    log_decay = torch.empty(kinds, B * H, NS, K, dtype=torch.float32, device=q.device)
+    BK, BV = state_tile(B * H * kinds * NS, common["BK"], common["BV"], q.device)
+    tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
+    bigla_segment_states_kernel[(tiles * NS, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides,
+                                                            T, NS, H, BT=SCAN_CHUNK, **{**common, "BK": BK, "BV": BV})
+    states = torch.empty_like(local)
     BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    bigla_states_kernel[(tiles, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, hf, hb, dhf, dhb, *strides, T, NS, H,
-                                               BT=SCAN_CHUNK, WITH_GRAD=kinds == 4,
-                                               **{**common, "BK": BK, "BV": BV})
-    return states
+    bigla_combine_states_kernel[(tiles, B * H, kinds)](local, log_decay, states, NS, K=K, V=V, BK=BK, BV=BV)
+    return list(states.unbind(0))
 
 
 MIN_STATE_TILE = 16  # tl.dot's smallest operand side
