@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import vig
-from vig.layers import GatedLinearAttention, RMSNorm
+from vig.layers import GatedLinearAttention, PatchifyConv2d, RMSNorm, space_to_depth_conv
 from vig.models import ViG, ViGH
 
 MANIFEST = json.loads((Path(__file__).parent / "fixtures/official/official_state_dict_manifest.json").read_text())
@@ -215,6 +215,19 @@ def test_mixer_matches_the_release_formula():
     mixed = rms(o, mixer.g_norm.weight) * g + rms(heads(local), mixer.l_norm.weight) * (1 - g)
     expected = mixer.o_proj(nn.functional.silu(mixed.flatten(-2))).view(2, 3, 5, 16)
     torch.testing.assert_close(mixer(x), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(9, 8, (224, 224)), (9, 8, (100, 71)), (5, 4, (33, 40)), (3, 2, (9, 8))])
+def test_space_to_depth_conv_equals_the_strided_conv(kernel, stride, size):
+    """The CUDA form of the stem's conv (pixel_unshuffle + stride-1 conv), checked on CPU against nn.Conv2d."""
+    torch.manual_seed(0)
+    conv = PatchifyConv2d(3, 8, kernel_size=kernel, stride=stride, padding=1).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    expected = nn.Conv2d.forward(conv, x)
+    assert space_to_depth_conv(conv, x).shape == expected.shape
+    torch.testing.assert_close(space_to_depth_conv(conv, x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="kernel_size 9 must exceed stride 4 by at most"):
+        PatchifyConv2d(3, 8, kernel_size=9, stride=4, padding=1)
 
 
 def test_rmsnorm_and_bad_head_count():

@@ -1,4 +1,5 @@
-"""Layers shared by plain ViG and ViG-H: RMSNorm, the SwiGLU product and the ViG token mixer.
+"""Layers shared by plain ViG and ViG-H: RMSNorm, the SwiGLU product, the stem's patchify conv and the
+ViG token mixer.
 
 On CUDA tensors the mixer runs our Triton kernels (BiGLA and its fused epilogue) and, in eager mode,
 flash-linear-attention's fused RMSNorm and SwiGLU; under torch.compile those two are plain PyTorch, which
@@ -79,6 +80,47 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class PatchifyConv2d(nn.Conv2d):
+    """A strided convolution whose kernel is at most twice its stride (the ViG stem's first conv: 9x9, stride 8).
+
+    On CUDA under torch.compile or autograd it runs as space-to-depth: the padded image is cut into
+    stride x stride blocks stacked on the channels (pixel_unshuffle), then a convolution of ceil(k/s) x
+    ceil(k/s) blocks with stride 1 and the kernel zero-padded to whole blocks. Same sums, but a dense
+    convolution over C * s^2 channels. Measured on an H200 (ViG-T's stem, 224^2, batch 256, bf16): forward
+    + backward 0.97 ms against cuDNN's strided conv at 1.52 ms. Compiled ViG-T against compiled DeiT-T in
+    the same run went from 1.06x to 1.13x at 1024^2 and stayed 0.60x at 224^2 (two runs on two cards). An
+    eager forward alone gains nothing (0.61 vs 0.59 ms) and pays for the padded copies in peak memory (+50%
+    for ViG-T at 1024^2), so eager inference, like every CPU call, stays nn.Conv2d. Parameters and their
+    names are nn.Conv2d's.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> None:
+        if not stride < kernel_size <= 2 * stride:
+            raise ValueError(f"PatchifyConv2d: kernel_size {kernel_size} must exceed stride {stride} by at most "
+                             "the stride; use nn.Conv2d otherwise")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and (torch.compiler.is_compiling() or torch.is_grad_enabled()):
+            return space_to_depth_conv(self, x)
+        return super().forward(x)
+
+
+def space_to_depth_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a square stride-s convolution with zero padding, as pixel_unshuffle + a stride-1 convolution."""
+    (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
+    blocks = -(-k // s)
+    out_h, out_w = ((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
+    # Pad (or crop) so that the blocks cover exactly the rows and columns the outputs read.
+    span_h, span_w = (out_h + blocks - 1) * s, (out_w + blocks - 1) * s
+    x = F.pad(x, (p, span_w - x.shape[-1] - p, p, span_h - x.shape[-2] - p))
+    weight = F.pad(conv.weight, (0, blocks * s - k, 0, blocks * s - k))
+    out_c, in_c = weight.shape[:2]
+    # pixel_unshuffle puts pixel (i, j) of a block of channel c on channel c * s^2 + i * s + j.
+    weight = weight.view(out_c, in_c, blocks, s, blocks, s).permute(0, 1, 3, 5, 2, 4)
+    return F.conv2d(F.pixel_unshuffle(x, s), weight.reshape(out_c, in_c * s * s, blocks, blocks), conv.bias)
 
 
 class GatedLinearAttention(nn.Module):

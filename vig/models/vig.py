@@ -25,7 +25,7 @@ from timm.layers import (
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vig.layers import GatedLinearAttention, RMSNorm, round_up, swiglu_mlp
+from vig.layers import GatedLinearAttention, PatchifyConv2d, RMSNorm, round_up, swiglu_mlp
 from vig.models.common import create_model, release_cfg, take_intermediates
 
 __all__ = ["ViG"]
@@ -40,7 +40,7 @@ class ConvPatchEmbed(nn.Module):
             raise ValueError(f"ConvPatchEmbed: patch_size must be an even number >= 2, got {patch_size}")
         stride = patch_size // 2
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=stride + 1, stride=stride, padding=1),
+            PatchifyConv2d(in_chans, embed_dim // 2, kernel_size=stride + 1, stride=stride, padding=1),
             LayerNorm2d(embed_dim // 2, eps=1e-5),
             nn.SiLU(),
             nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
