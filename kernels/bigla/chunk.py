@@ -232,14 +232,38 @@ def _state_offsets(i_bh, chunk, NT, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
 
 
 @triton.jit
+def _program_offsets(i_k, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr):
+    """Key/value columns (and masks) of key block i_k and value block i_v; where (batch, head) i_bh starts
+    in q, k, v and the gates; and its first row in contiguous [B, T, H, *] tensors (multiply by the width)."""
+    i_b, i_h = i_bh // H, i_bh % H
+    i_b64 = i_b.to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    bq = i_b64 * q_sb + i_h * K
+    bk = i_b64 * k_sb + i_h * K
+    bv = i_b64 * v_sb + i_h * V
+    bgf = i_b64 * gf_sb + i_h * K
+    bgb = i_b64 * gb_sb + i_h * K
+    return o_k, o_k < K, o_v, o_v < V, bq, bk, bv, bgf, bgb, i_b64 * T * H + i_h
+
+
+@triton.jit
+def _step_tiles_raw(q, k, v, g, bq, bk, bv, bg, q_st, k_st, v_st, g_st, r0, T, o_k, m_k, o_v, m_v,
+                    BC: tl.constexpr):
+    """The q, k, v and gate tiles of the BC tokens from r0, in their own dtypes."""
+    return (_load_raw(q, bq, r0, T, q_st, o_k, m_k, BC), _load_raw(k, bk, r0, T, k_st, o_k, m_k, BC),
+            _load_raw(v, bv, r0, T, v_st, o_v, m_v, BC), _load_raw(g, bg, r0, T, g_st, o_k, m_k, BC))
+
+
+@triton.jit
 def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, gb_st, r0, T,
                o_k, m_k, o_v, m_v, BC: tl.constexpr):
-    q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BC)
-    k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BC)
-    v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BC)
-    gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BC)
+    """The q, k, v, g_fwd and g_bwd tiles of the BC tokens from r0, as fp32."""
+    q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r0, T,
+                                          o_k, m_k, o_v, m_v, BC)
     gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
-    return q_i, k_i, v_i, gf_i, gb_i
+    return q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32), gb_i
 
 
 @triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
@@ -259,18 +283,9 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
     (slices of a fused projection); a head's channels are contiguous. o and o_bwd are contiguous.
     """
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_b64 = i_b.to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    bq = i_b64 * q_sb + i_h * K
-    bk = i_b64 * k_sb + i_h * K
-    bv = i_b64 * v_sb + i_h * V
-    bgf = i_b64 * gf_sb + i_h * K
-    bgb = i_b64 * gb_sb + i_h * K
-    bo = (i_b64 * T * H + i_h) * V
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
+        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
+    bo = row0 * V
     HV = H * V
     if STATES_IN_MEMORY:
         offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
@@ -282,19 +297,13 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
 
     # Each step's tiles are loaded one step ahead (the loads do not depend on the carried state), so their
     # latency overlaps the previous step's arithmetic; the last prefetch of a sweep re-reads a valid tile.
-    r0 = c0 + (n_sub - 1) * BC
-    q_n = _load_raw(q, bq, r0, T, q_st, o_k, m_k, BC)
-    k_n = _load_raw(k, bk, r0, T, k_st, o_k, m_k, BC)
-    v_n = _load_raw(v, bv, r0, T, v_st, o_v, m_v, BC)
-    gb_n = _load_raw(gb, bgb, r0, T, gb_st, o_k, m_k, BC)
+    q_n, k_n, v_n, gb_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
+                                          c0 + (n_sub - 1) * BC, T, o_k, m_k, o_v, m_v, BC)
     for j in range(0, n_sub):  # right to left: R, the state of the tokens right of sub-chunk i
         r0 = c0 + (n_sub - 1 - j) * BC
         q_i, k_i, v_i, gb_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32), gb_n.to(tl.float32)
-        r_next = tl.maximum(r0 - BC, c0)
-        q_n = _load_raw(q, bq, r_next, T, q_st, o_k, m_k, BC)
-        k_n = _load_raw(k, bk, r_next, T, k_st, o_k, m_k, BC)
-        v_n = _load_raw(v, bv, r_next, T, v_st, o_v, m_v, BC)
-        gb_n = _load_raw(gb, bgb, r_next, T, gb_st, o_k, m_k, BC)
+        q_n, k_n, v_n, gb_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
+                                              tl.maximum(r0 - BC, c0), T, o_k, m_k, o_v, m_v, BC)
         Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
         _store_rows(o_bwd, bo, r0, T, HV, o_v, m_v, _mm(q_i * tl.exp(Bl), h, PRECISION), BC)
         # R <- R decayed across the sub-chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
@@ -306,10 +315,8 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
         h = tl.load(hf_states + offs, mask=m_s, other=0.0)
     else:
         h = tl.zeros([BK, BV], tl.float32)
-    q_n = _load_raw(q, bq, c0, T, q_st, o_k, m_k, BC)
-    k_n = _load_raw(k, bk, c0, T, k_st, o_k, m_k, BC)
-    v_n = _load_raw(v, bv, c0, T, v_st, o_v, m_v, BC)
-    gf_n = _load_raw(gf, bgf, c0, T, gf_st, o_k, m_k, BC)
+    q_n, k_n, v_n, gf_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, c0, T,
+                                          o_k, m_k, o_v, m_v, BC)
     gb_n = _load_raw(gb, bgb, c0, T, gb_st, o_k, m_k, BC)
     ob_n = _load_raw(o_bwd, bo, c0, T, HV, o_v, m_v, BC)
     for i in range(0, n_sub):  # left to right: S, the state of the tokens left of sub-chunk i
@@ -317,10 +324,8 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
         q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
         gf_i, gb_i, ob_i = gf_n.to(tl.float32), gb_n.to(tl.float32), ob_n
         r_next = tl.minimum(r0 + BC, c0 + (n_sub - 1) * BC)
-        q_n = _load_raw(q, bq, r_next, T, q_st, o_k, m_k, BC)
-        k_n = _load_raw(k, bk, r_next, T, k_st, o_k, m_k, BC)
-        v_n = _load_raw(v, bv, r_next, T, v_st, o_v, m_v, BC)
-        gf_n = _load_raw(gf, bgf, r_next, T, gf_st, o_k, m_k, BC)
+        q_n, k_n, v_n, gf_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r_next, T,
+                                              o_k, m_k, o_v, m_v, BC)
         gb_n = _load_raw(gb, bgb, r_next, T, gb_st, o_k, m_k, BC)
         ob_n = _load_raw(o_bwd, bo, r_next, T, HV, o_v, m_v, BC)
         Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
@@ -355,19 +360,10 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, 
     gradients are partial sums, written split_stride apart and summed by the caller.
     """
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_b64 = i_b.to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    bq = i_b64 * q_sb + i_h * K
-    bk = i_b64 * k_sb + i_h * K
-    bv = i_b64 * v_sb + i_h * V
-    bgf = i_b64 * gf_sb + i_h * K
-    bgb = i_b64 * gb_sb + i_h * K
-    bdo = (i_b64 * T * H + i_h) * V
-    bdk = (i_b64 * T * H + i_h) * K + i_v.to(tl.int64) * split_stride
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
+        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
+    bdo = row0 * V
+    bdk = row0 * K + i_v.to(tl.int64) * split_stride
     HK = H * K
     HV = H * V
     if STATES_IN_MEMORY:
@@ -460,18 +456,9 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
     NTILES: tl.constexpr = NKB * ((V + BV - 1) // BV)
     i_kv, i_n = i_tn % NTILES, i_tn // NTILES
     i_k, i_v = i_kv % NKB, i_kv // NKB
-    i_b, i_h = i_bh // H, i_bh % H
-    i_b64 = i_b.to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    bq = i_b64 * q_sb + i_h * K
-    bk = i_b64 * k_sb + i_h * K
-    bv = i_b64 * v_sb + i_h * V
-    bgf = i_b64 * gf_sb + i_h * K
-    bgb = i_b64 * gb_sb + i_h * K
-    bdo = (i_b64 * T * H + i_h) * V
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
+        i_k, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
+    bdo = row0 * V
     CPS: tl.constexpr = SEG // BT  # scan steps per segment
     h = tl.zeros([BK, BV], tl.float32)
     total = tl.zeros([BK], tl.float32)
