@@ -13,9 +13,6 @@ continues it if the training params are unchanged (otherwise the error names the
 """
 from __future__ import annotations
 
-import json
-import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,12 +37,8 @@ from vig.engine.pretrain import InjectedFailure
 from vig.engine.run_log import RunLog
 from vig.engine.session import LocalSession, RaySession, Session
 from vig.engine.worker import LossWindow, TrainingWorker, derived_seed, seed_everything
-from vig.params import flatten
-
-_logger = logging.getLogger(__name__)
 
 RUN_FOLDER = "run"
-SIGNATURE_FILE = "signature.json"
 MODEL_FILE = "model.pt"
 PREVIEW_FILE = "predictions.png"
 STATE_FORMAT = "vig-dense-state/1"
@@ -103,29 +96,6 @@ def build_optimizer(model: nn.Module, config: DenseOptimConfig) -> torch.optim.O
     return create_optimizer_v2(groups, "adamw", lr=config.lr, betas=tuple(config.betas), eps=config.eps)
 
 
-def run_signature(config: Any, world_size: int) -> dict[str, Any]:
-    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in RESUME_NEUTRAL_KEYS}
-    flat["world_size"] = world_size
-    return flat
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint written with other training params than the current ones."""
-
-
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], source: Path, section: str) -> None:
-    differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k, "<absent>") != current.get(k, "<absent>")]
-    if differing:
-        lines = "\n".join(
-            f"  {section}.{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {current.get(k, '<absent>')!r} now"
-            for k in differing
-        )
-        raise ResumeMismatchError(
-            f"refusing to resume from {source}: it was written with different training params:\n{lines}\n"
-            f"Restore those params to resume that run, or set {section}.resume: false to start over."
-        )
-
-
 def plain_tensors(value: Any, device: torch.device | str) -> Any:
     """tv_tensors -> plain tensors on `device` (torchvision models expect plain tensors); others unchanged."""
     if isinstance(value, torch.Tensor):
@@ -148,7 +118,7 @@ class DenseFinetuning(TrainingWorker):
         self.is_main = session.rank == 0
         self.run_log = run_log
         self.device = session.device
-        self.signature = run_signature(config, session.world_size)
+        self.signature = state.run_signature(config, session.world_size, RESUME_NEUTRAL_KEYS)
         seed_everything(derived_seed(config.seed, session.rank))
 
         self.setup_data()
@@ -213,7 +183,7 @@ class DenseFinetuning(TrainingWorker):
             saved = state.load(path)
         if saved.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} has format {saved.get('format')!r}, expected {STATE_FORMAT!r}")
-        check_resumable(saved["signature"], self.signature, folder, self.section)
+        state.check_resumable(saved["signature"], self.signature, folder, self.section)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -356,27 +326,13 @@ def make_session(config: Any) -> Session:
     return LocalSession(run_dir(config) / CHECKPOINTS, config.keep_checkpoints)
 
 
-def prepare_run_dir(config: Any, section: str) -> Path:
-    """The run folder: kept (resume) if its signature matches the params, else an error; fresh otherwise."""
-    folder = run_dir(config)
-    signature = run_signature(config, config.num_workers if config.backend == "ray" else 1)
-    signature_file = folder / SIGNATURE_FILE
-    if folder.exists() and config.resume and signature_file.exists():
-        check_resumable(json.loads(signature_file.read_text()), signature, folder, section)
-        _logger.info("resuming the unfinished run in %s", folder)
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    write_json(signature_file, signature)
-    return folder
-
-
 def launch(
     config: Any, section: str, worker: Callable[[dict[str, Any]], None], mlflow_run_id: str | None
 ) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run on Ray workers or in this process; returns the metrics file's content."""
-    folder = prepare_run_dir(config, section)
+    world_size = config.num_workers if config.backend == "ray" else 1
+    signature = state.run_signature(config, world_size, RESUME_NEUTRAL_KEYS)
+    folder = state.prepare_run_dir(run_dir(config), signature, config.resume, section)
     return run_training(worker, {section: to_dict(config), "mlflow_run_id": mlflow_run_id}, config, folder)
 
 

@@ -17,9 +17,6 @@ restarts from the newest checkpoint within the same call (`max_failures`); calli
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +39,7 @@ from vig.engine.run_log import RunLog, plot_training_curves
 from vig.engine.session import LocalSession, RaySession, Session
 from vig.engine.worker import LossWindow, TrainingWorker, derived_seed, seed_everything
 
-_logger = logging.getLogger(__name__)
-
 RUN_FOLDER = "run"
-SIGNATURE_FILE = "signature.json"
 BEST_SO_FAR = "best.pt"
 
 
@@ -287,23 +281,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     Pretraining(config, session, run_log).run()
 
 
-def prepare_run_dir(config: PretrainConfig) -> Path:
-    """The run folder to train in: kept (resume) if its signature matches, else an error; fresh otherwise."""
-    folder = run_dir(config)
-    signature = state.run_signature(config, world_size(config))
-    signature_file = folder / SIGNATURE_FILE
-    if folder.exists() and config.resume and signature_file.exists():
-        state.check_resumable(json.loads(signature_file.read_text()), signature, folder)
-        _logger.info("resuming the unfinished run in %s", folder)
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    write_json(signature_file, signature)
-    return folder
-
-
 def pretrain(config: PretrainConfig, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; returns the summary metrics also written to `config.metrics`."""
-    folder = prepare_run_dir(config)
+    folder = state.prepare_run_dir(run_dir(config), state.run_signature(config, world_size(config)), config.resume,
+                                   "pretrain")
     return run_training(train_worker, {"pretrain": to_dict(config), "mlflow_run_id": mlflow_run_id}, config, folder)

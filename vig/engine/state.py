@@ -9,7 +9,10 @@ Both hold only tensors and plain Python values, so they load with `torch.load(we
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,14 @@ import timm
 import torch
 import torch.nn as nn
 
-from vig.data.atomic import atomic_path
+from vig.data.atomic import atomic_path, write_json
 from vig.engine.config import RESUME_NEUTRAL_KEYS, PretrainConfig, to_dict
 from vig.params import flatten
 
+_logger = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
+SIGNATURE_FILE = "signature.json"  # in a run folder: the signature of the run training there
 STATE_FORMAT = "vig-pretrain-state/1"
 WEIGHTS_FORMAT = "vig-weights/1"
 
@@ -30,26 +36,43 @@ class ResumeMismatchError(ValueError):
     """A checkpoint written with other training params than the current ones."""
 
 
-def run_signature(config: PretrainConfig, world_size: int) -> dict[str, Any]:
-    """The flattened params that determine the training trajectory (see RESUME_NEUTRAL_KEYS), plus world size."""
-    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in RESUME_NEUTRAL_KEYS}
+def run_signature(config: Any, world_size: int, neutral_keys: frozenset[str] = RESUME_NEUTRAL_KEYS) -> dict[str, Any]:
+    """The flattened params that determine the training trajectory (all but `neutral_keys`), plus world size."""
+    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in neutral_keys}
     flat["world_size"] = world_size
     return flat
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], source: str | os.PathLike) -> None:
-    """Raise ResumeMismatchError naming every differing param if `saved` != `current`."""
+def check_resumable(
+    saved: dict[str, Any], current: dict[str, Any], source: str | os.PathLike, section: str = "pretrain"
+) -> None:
+    """Raise ResumeMismatchError naming every differing param (as `section.key`) if `saved` != `current`."""
     keys = sorted(set(saved) | set(current))
     differing = [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
     if differing:
         lines = "\n".join(
-            f"  pretrain.{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {current.get(k, '<absent>')!r} now"
+            f"  {section}.{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {current.get(k, '<absent>')!r} now"
             for k in differing
         )
         raise ResumeMismatchError(
             f"refusing to resume from {source}: it was written with different training params:\n{lines}\n"
-            "Restore those params to resume that run, or set pretrain.resume: false to discard it and start over."
+            f"Restore those params to resume that run, or set {section}.resume: false to discard it and start over."
         )
+
+
+def prepare_run_dir(folder: Path, signature: dict[str, Any], resume: bool, section: str) -> Path:
+    """The run folder to train in: kept (resume) if it holds a run with this signature, an error if it holds
+    another run; made fresh, with the signature written, when there is nothing to resume."""
+    signature_file = folder / SIGNATURE_FILE
+    if folder.exists() and resume and signature_file.exists():
+        check_resumable(json.loads(signature_file.read_text()), signature, folder, section)
+        _logger.info("resuming the unfinished run in %s", folder)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json(signature_file, signature)
+    return folder
 
 
 def save(obj: dict[str, Any], path: str | os.PathLike) -> None:
