@@ -153,9 +153,16 @@ def test_profile_splits_time_by_block_and_op_class(monkeypatch):
     assert {"matmul", "bigla", "norm", "conv"} <= classes_in_block
     assert "bigla" not in {row["op_class"] for row in profile["rows"] if row["block"] == benchmark.OUTSIDE_BLOCKS}
     assert profile["total_ms_per_pass"] == pytest.approx(sum(r["ms_per_pass"] for r in profile["rows"]))
-    table = benchmark.profile_table({"label": "vig_micro", **profile})
-    assert table.splitlines()[1].split()[0] == "block"
-    assert [line.split()[0] for line in table.splitlines()[2:]] == ["stem/head", "blocks.0", "blocks.1", "total"]
+    top = profile["top_kernels"]
+    assert 0 < len(top) <= benchmark.TOP_KERNELS
+    assert [k["ms_per_pass"] for k in top] == sorted((k["ms_per_pass"] for k in top), reverse=True)
+    assert sum(k["ms_per_pass"] for k in top) <= profile["total_ms_per_pass"] * (1 + 1e-9)
+    assert any(k["name"] in ("aten::addmm", "aten::mm", "aten::linear") for k in top)
+    table = benchmark.profile_table({"label": "vig_micro", **profile}).splitlines()
+    assert table[1].split()[0] == "block"
+    assert [line.split()[0] for line in table[2:6]] == ["stem/head", "blocks.0", "blocks.1", "total"]
+    assert table[6] == "longest-running ops, ms per pass:"
+    assert [line.split()[1] for line in table[7:]] == [k["name"] for k in top]
 
 
 def test_cli_measures_profiles_and_writes_everything(tmp_path, capsys):

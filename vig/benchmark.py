@@ -679,6 +679,7 @@ def _block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 BLOCK_TAG = "block:"
+TOP_KERNELS = 25  # the longest-running kernels (ops on CPU) listed by a profile
 OUTSIDE_BLOCKS = "stem/head"
 
 
@@ -734,6 +735,7 @@ def profile_model(
             forward()
         timer.sync()
     table: dict[tuple[str, str], float] = {}
+    by_name: dict[str, float] = {}  # kernel (GPU) or op (CPU) name -> time, across blocks
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue
@@ -743,14 +745,19 @@ def profile_model(
                 names = (kernel.name,) if event.is_user_annotation else (event.name, kernel.name)
                 key = (block, "bigla" if inside_bigla else op_class(*names))
                 table[key] = table.get(key, 0.0) + kernel.duration
+                by_name[kernel.name] = by_name.get(kernel.name, 0.0) + kernel.duration
         elif not event.is_user_annotation:
             key = (block, "bigla" if inside_bigla else op_class(event.name))
             table[key] = table.get(key, 0.0) + event.self_cpu_time_total
+            by_name[event.name] = by_name.get(event.name, 0.0) + event.self_cpu_time_total
     rows = [
         {"block": block, "op_class": cls, "ms_per_pass": us / 1000 / passes}
         for (block, cls), us in sorted(table.items(), key=lambda item: _block_order(item[0][0]))
     ]
+    # Compiled models run as generated kernels that no block or op class describes well: name them.
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:TOP_KERNELS]
     return {
+        "top_kernels": [{"name": name, "ms_per_pass": us / 1000 / passes} for name, us in top],
         "resolution": resolution,
         "batch": batch,
         "dtype": dtype,
@@ -814,6 +821,8 @@ def profile_table(profile: dict[str, Any]) -> str:
     for block in [*blocks, "total"]:
         values = [sum(v for (b, c), v in cell.items() if c == cls and block in (b, "total")) for cls in classes]
         lines.append("  ".join(f"{x:>12}" for x in [block, *(f"{v:.3f}" for v in values), f"{sum(values):.3f}"]))
+    lines.append(f"longest-running {'kernels' if profile['clock'].startswith('device') else 'ops'}, ms per pass:")
+    lines += [f"  {k['ms_per_pass']:>9.3f}  {k['name'][:110]}" for k in profile.get("top_kernels", [])]
     return "\n".join(lines) + "\n"
 
 
