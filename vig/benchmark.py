@@ -859,7 +859,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch.compile mode, e.g. default, reduce-overhead (CUDA graphs), max-autotune")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile each of our models: time per op class per block and the longest-running kernels (text + JSON)")
+                        help="also profile each of our models: time per op class per block and the "
+                        "longest-running kernels (text + JSON)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"), help="output folder")
     return parser.parse_args(argv)
