@@ -1,4 +1,4 @@
-"""What a pretraining checkpoint holds, and the rule for resuming from one.
+"""What a pretraining checkpoint holds, and the rules for resuming a run (pretraining and dense fine-tuning).
 
 Two kinds of files:
 - the resumable training state (`state.pt` inside each checkpoint folder): model, EMA, optimizer, scheduler,
