@@ -38,7 +38,7 @@ from kernels.triton_utils import INTERPRET, output_buffer
 
 SEGMENT = 256  # tokens per program; T <= SEGMENT (ViG at 224^2: T = 196) needs no state-scan launch
 SUB_CHUNK = 16  # BC: tokens per step of the sweeps (the smallest tile tl.dot accepts)
-SCAN_CHUNK = 64  # BT: tokens per step of the state scan across segments
+SCAN_CHUNK = 64  # BT: tokens per step when a segment's own contribution to the states is computed
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -555,9 +555,10 @@ SCANS_PER_SM = 4  # enough resident scans per multiprocessor to hide the latency
 
 
 def state_tile(scans: int, BK: int, BV: int, device: torch.device) -> tuple[int, int]:
-    """[BK, BV] tile of the states each scan program carries: whole states when `scans` (sequences x state
-    kinds) fill the GPU, else halved (the larger side first) down to 16 x 16 until they do. Off a GPU (the
-    interpreter) the smallest tile, so the tests cover the split scan."""
+    """[BK, BV] tile of the states each program carries: whole states when `scans` (the independent state
+    computations: sequences x state kinds, x segments for the per-segment kernel) fill the GPU, else halved
+    (the larger side first) down to 16 x 16 until they do. Off a GPU (the interpreter) the smallest tile,
+    so the tests cover the split states."""
     target = SCANS_PER_SM * _multiprocessors(device) if device.type == "cuda" else None
     programs = scans
     while BK > MIN_STATE_TILE or BV > MIN_STATE_TILE:
