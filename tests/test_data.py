@@ -176,6 +176,16 @@ def test_explicit_real_roots_mix_with_embedded_data(tmp_path):
     assert sorted(path.name for path in (tmp_path / "data" / "digitscenes").iterdir()) == ["coco"]
 
 
+def test_layout_of_generated_data_does_not_depend_on_where_the_project_lives(tmp_path):
+    for project in ("a", "b/c"):
+        prepare(small_params(), tmp_path / project / "data", tmp_path / project)
+    layouts = [(tmp_path / project / "data" / "layout.json").read_bytes() for project in ("a", "b/c")]
+    assert layouts[0] == layouts[1]
+    layout = read_layout(tmp_path / "b/c" / "data" / "layout.json")
+    assert layout["coco"]["root"] == str((tmp_path / "b/c" / "data" / "digitscenes" / "coco").resolve())
+    assert all(Path(layout[dataset]["root"]).is_dir() for dataset in ("imagenet", "coco", "ade20k"))
+
+
 def test_bad_embedded_params_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown keys in data.embedded: \\['scenes'\\]"):
         digitscenes.DigitScenesSpec.from_params({"embedded": {"scenes": 3}})

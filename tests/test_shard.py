@@ -111,12 +111,16 @@ def test_decoded_detection_and_segmentation_samples_equal_the_annotations(layout
 
 
 def test_sharding_is_deterministic_and_shuffles_classes_across_shards(layout, shards, tmp_path):
-    shard_all(layout, tmp_path, INLINE)  # the same shards whether encoded in a pool or inline
+    # The same bytes, manifests included, whether encoded in a pool or inline and wherever the project lives.
+    elsewhere = tmp_path / "another" / "checkout"
+    prepare(DATA, elsewhere / "data", elsewhere)
+    shard_all(read_layout(elsewhere / "data" / "layout.json"), tmp_path / "shards", INLINE)
     for task in TASKS:
+        assert load_manifest(shards, task)["source"] == "embedded"
         written = sorted(path.name for path in (shards / task).iterdir())
-        assert written == sorted(path.name for path in (tmp_path / task).iterdir())
+        assert written == sorted(path.name for path in (tmp_path / "shards" / task).iterdir())
         for name in written:
-            assert (shards / task / name).read_bytes() == (tmp_path / task / name).read_bytes(), (task, name)
+            assert (shards / task / name).read_bytes() == (tmp_path / "shards" / task / name).read_bytes(), (task, name)
     # Sorted inputs hold 8 images per class, so unshuffled 8-sample shards would each hold a single class.
     for url in shard_urls(shards, "classification", "train"):
         assert len({int(sample["cls"]) for sample in raw_samples([url])}) >= 4

@@ -181,8 +181,8 @@ def prepare(data_params: dict[str, Any], data_dir: Path, project_root: Path) -> 
         shutil.rmtree(generated_dir)  # left from an earlier embedded run; data/ should hold only what layout names
     layout: dict[str, Any] = {}
     for dataset, root in roots.items():
-        if root is None:
-            root = (generated_dir / digitscenes.EMBEDDED_ROOTS[dataset]).resolve()
+        if root is None:  # relative to data_dir, so that data/ hashes the same wherever the project lives
+            root = Path(EMBEDDED_DIR, digitscenes.EMBEDDED_ROOTS[dataset]).as_posix()
         elif dataset == "ade20k":
             root = ade20k_root(root)
         layout[dataset] = {"root": str(root), "source": EMBEDDED if dataset in embedded else "user"}
@@ -202,4 +202,6 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
     missing = [dataset for dataset in DATASETS if dataset not in layout]
     if missing:
         raise ValueError(f"{path} lacks {missing}: rerun the prepare stage")
+    for dataset in DATASETS:  # generated data is recorded relative to the layout file's folder
+        layout[dataset]["root"] = str((path.parent / layout[dataset]["root"]).resolve())
     return layout

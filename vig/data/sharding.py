@@ -404,10 +404,14 @@ def shard_task(
 ) -> dict[str, Any]:
     """Shard one task's train and val splits into `out_root/<task>/`; returns (and writes) its manifest."""
     inputs = list_task(task, layout)
+    entry = layout[TASK_DATASET[task]]
+    # A user dataset's root; generated data is described by its params (its path would make the shards'
+    # hash depend on where the project lives).
+    source = entry["root"] if entry["source"] == "user" else entry["source"]
     manifest: dict[str, Any] = {
         "task": task,
         "dataset": TASK_DATASET[task],
-        "source": layout[TASK_DATASET[task]]["root"],
+        "source": source,
         "sample_format": SAMPLE_FORMAT[task],
         "class_index": inputs.class_index,
         "seed": settings.seed,
