@@ -217,7 +217,9 @@ def test_mixer_matches_the_release_formula():
     torch.testing.assert_close(mixer(x), expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(9, 8, (224, 224)), (9, 8, (100, 71)), (5, 4, (33, 40)), (3, 2, (9, 8))])
+@pytest.mark.parametrize(
+    "kernel, stride, size", [(9, 8, (224, 224)), (9, 8, (100, 71)), (5, 4, (33, 40)), (3, 2, (9, 8))]
+)
 def test_space_to_depth_conv_equals_the_strided_conv(kernel, stride, size):
     """The CUDA form of the stem's conv (pixel_unshuffle + stride-1 conv), checked on CPU against nn.Conv2d."""
     torch.manual_seed(0)
