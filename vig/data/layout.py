@@ -203,5 +203,6 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} lacks {missing}: rerun the prepare stage")
     for dataset in DATASETS:  # generated data is recorded relative to the layout file's folder
-        layout[dataset]["root"] = str((path.parent / layout[dataset]["root"]).resolve())
+        if not Path(layout[dataset]["root"]).is_absolute():
+            layout[dataset]["root"] = str((path.parent / layout[dataset]["root"]).resolve())
     return layout
