@@ -1,14 +1,18 @@
-"""Triton kernels for BiGLA: both directions of gated linear attention, sub-chunk by sub-chunk.
+"""Triton kernels for BiGLA: both directions of gated linear attention, chunk by chunk.
 
 Layout is token-major, [B, T, H, K] for q, k and the log gates, [B, T, H, V] for v, o.
 
-One program handles a segment of up to SEGMENT tokens of one (batch, head) in steps of BC = 16 tokens,
-sweeping it twice: right to left carrying the backward state R (the keys right of the current
-sub-chunk), left to right carrying the forward state S (the keys left of it); each sub-chunk reads its
-q/k/v/gate tiles and meets the state by matrix products (tf32/tf32x3 tensor cores), the pairs inside it
-through a diagonal block. Only [BC, K] / [BC, V] tiles and [K, V] states are live, which keeps register
-pressure low. Decays are sums of the gates of just the tokens in between (every exponent <= 0 except
-around a diagonal block's middle row, bounded there), so nothing overflows however steep the gates.
+One program handles a segment of up to SEGMENT tokens of one (batch, head). The forward first walks the
+segment right to left in CHUNK-token steps, storing the backward state R (the keys right of each chunk)
+that enters each chunk, and finds the chunk whose gates decay most. Under mild gates (no chunk decays by
+more than CHUNK_DECAY_LIMIT in any key channel; ViG's gates decay by about 2 per chunk) it then walks
+left to right, carrying the forward state S, and each chunk's output is a few matrix products: q
+against S and R, and the chunk's own pairs as two [CHUNK, CHUNK] score matrices with decays taken against
+the chunk's start. Under steeper gates it instead sweeps the segment twice in steps of BC = 16 tokens (right
+to left carrying R, left to right carrying S), each sub-chunk meeting the state by matrix products and the
+pairs inside it through a diagonal block, with decays that are sums of the gates of just the tokens in
+between (every exponent <= 0 except around a diagonal block's middle row, bounded there), so nothing
+overflows however steep the gates. Matrix products run on tf32 tensor cores (tf32x3 for fp32 inputs).
 
 - T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
   launch per pass;
@@ -20,8 +24,8 @@ around a diagonal block's middle row, bounded there), so nothing overflows howev
   keep the GPU busy, many keep whole states (fewer redundant loads).
 
 The backward pass recomputes those states (nothing but the inputs is saved) and produces dq, dk, dv and
-both gate gradients. The first sweep keeps its half of the gradients in fp32 scratch for the second.
-The gate gradients come out as prefix sums of q*dq - k*dk per direction in the left-to-right sweep; the
+both gate gradients in the two 16-token sweeps. The first sweep keeps its half of the gradients in fp32
+scratch for the second. The gate gradients come out as prefix sums of q*dq - k*dk per direction in the left-to-right sweep; the
 part from tokens left of a segment equals sum_v(state * gradient state) at its left edge.
 """
 from __future__ import annotations
@@ -39,6 +43,12 @@ from kernels.triton_utils import INTERPRET, output_buffer
 SEGMENT = 256  # tokens per program; T <= SEGMENT (ViG at 224^2: T = 196) needs no state-scan launch
 SUB_CHUNK = 16  # BC: tokens per step of the sweeps (the smallest tile tl.dot accepts)
 SCAN_CHUNK = 64  # BT: tokens per step when a segment's own contribution to the states is computed
+CHUNK = 32  # BT: tokens per step of the forward under mild gates; 64 ran slower on an H200 (NOTES.md)
+# The forward takes CHUNK-token steps (matrix products against each chunk's start) when no chunk of the
+# segment decays by more than this in any key channel, else BC-token steps: exp(-Fl) <= exp(40) keeps the
+# products far from fp32 overflow. ViG's gates (logsigmoid(z) / 16) decay by about 0.05 per token; fp32
+# outputs at decays of about 30 per chunk matched the recurrence to 4e-7 (interpreter).
+CHUNK_DECAY_LIMIT = 40.0
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -266,35 +276,19 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
     return q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32), gb_i
 
 
-@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
-                 **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
-                     q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                     scale, T, NS, H,
-                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """o for one segment of SEG tokens of one (batch, head) and one block of value columns.
-
-    Right to left over the segment's sub-chunks, carrying the backward state, the backward direction's
-    part of o goes to o_bwd (fp32 scratch); then left to right, carrying the forward state, the forward
-    part, the diagonal sub-chunk and the scratch make o. Inputs may be strided over batch and tokens
-    (slices of a fused projection); a head's channels are contiguous. o and o_bwd are contiguous.
-    """
-    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
-        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
-    bo = row0 * V
-    HV = H * V
+def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
+                          gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, n_sub, HV, o_k, m_k, o_v, m_v,
+                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                          LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward under any gates, BC tokens per step: right to left over the segment's sub-chunks,
+    carrying the backward state, the backward direction's part of o goes to o_bwd (fp32 scratch); then
+    left to right, carrying the forward state, the forward part, the diagonal sub-chunk and the scratch
+    make o."""
     if STATES_IN_MEMORY:
-        offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
         h = tl.load(hb_states + offs, mask=m_s, other=0.0)
     else:
         h = tl.zeros([BK, BV], tl.float32)
-    c0 = i_s * SEG
-    n_sub = tl.cdiv(tl.minimum(SEG, T - c0), BC)
-
     # Each step's tiles are loaded one step ahead (the loads do not depend on the carried state), so their
     # latency overlaps the previous step's arithmetic; the last prefetch of a sweep re-reads a valid tile.
     q_n, k_n, v_n, gb_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
@@ -337,6 +331,115 @@ def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states,
         # S <- S decayed across the sub-chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
         tot = tl.sum(gf_i, 0)
         h = h * tl.exp(tot)[:, None] + _mm(tl.trans(k_i * tl.exp(tot[None, :] - Fl)), v_i, PRECISION)
+
+
+@triton.jit
+def _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st, bk, bv,
+                           bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                           V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """Right to left over the segment's BT-token chunks: stores the backward state entering each chunk from
+    its right (fp32 scratch, rows state_row...); returns the least total log decay of a chunk, over both
+    gates and every key channel."""
+    if STATES_IN_MEMORY:
+        h = tl.load(hb_states + offs, mask=m_s, other=0.0)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    steepest = tl.zeros([BK], tl.float32)
+    for j in range(0, n_chunks):
+        c = n_chunks - 1 - j
+        r0 = c0 + c * BT
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        tl.store(chunk_states + chunk_offs, h, mask=m_c)
+        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
+        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
+        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
+        tot_f = tl.sum(_load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT), 0)
+        tot_b = tl.sum(gb_i, 0)
+        steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
+        # R <- R decayed across the chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
+        h = h * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
+    return tl.min(steepest, 0)
+
+
+@triton.jit
+def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
+                bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward under mild gates (no chunk decays by more than the caller's limit), BT tokens per step,
+    left to right carrying the forward state S; the backward states come from _chunk_backward_states.
+
+    Within a chunk, decays are taken against its start: the forward pair (t, s), s <= t, decays by
+    exp(Fl_t) * exp(-Fl_s) and the backward pair, s >= t, by exp(Bl_t) * exp(-Bl_s), so the chunk's scores
+    are two [BT, BT] matrix products; exp(-Fl) and exp(-Bl) stay below exp(limit), far from overflow.
+    """
+    if STATES_IN_MEMORY:
+        h = tl.load(hf_states + offs, mask=m_s, other=0.0)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    o_r = tl.arange(0, BT)
+    lower = o_r[:, None] >= o_r[None, :]  # the diagonal (t = s) is in both directions
+    upper = o_r[:, None] <= o_r[None, :]
+    for c in range(0, n_chunks):
+        r0 = c0 + c * BT
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        R = tl.load(chunk_states + chunk_offs, mask=m_c, other=0.0)
+        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
+        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
+        qf = q_i * tl.exp(Fl)
+        qb = q_i * tl.exp(Bl)
+        kf = k_i * tl.exp(-Fl)
+        scores = tl.where(lower, _mm(qf, tl.trans(kf), PRECISION), 0.0)
+        scores += tl.where(upper, _mm(qb, tl.trans(k_i * tl.exp(-Bl)), PRECISION), 0.0)
+        b_o = _mm(qf, h, PRECISION) + _mm(qb, R, PRECISION) + _mm(scores, v_i, PRECISION)
+        _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BT)
+        # S <- S decayed across the chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
+        tot = tl.sum(gf_i, 0)
+        h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kf * tl.exp(tot)[None, :]), v_i, PRECISION)
+
+
+@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
+@triton.jit
+def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, hf_states, hb_states,
+                     q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
+                     scale, T, NS, H,
+                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
+                     CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """o for one segment of SEG tokens of one (batch, head) and one block of value columns.
+
+    First the backward states entering each BT-token chunk (right to left), which also finds the
+    steepest chunk; if no chunk decays by more than CHUNK_LIMIT in any key channel, the chunks run left
+    to right as [BT, BT] matrix products (_fwd_chunks), else the segment runs in BC-token steps whose
+    decays stay exact under any gates (_fwd_sub_chunk_sweeps). Inputs may be strided over batch and
+    tokens (slices of a fused projection); a head's channels are contiguous. o and the scratch
+    (o_bwd, chunk_states) are contiguous.
+    """
+    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
+        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
+    bo = row0 * V
+    HV = H * V
+    offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
+    c0 = i_s * SEG
+    seg_len = tl.minimum(SEG, T - c0)
+    state_row = i_bh * NS + i_s
+    steepest = _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st,
+                                      bk, bv, bgf, bgb, state_row, T, c0, tl.cdiv(seg_len, BT), o_k, m_k, o_v, m_v,
+                                      K, V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+    tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
+    if steepest >= -CHUNK_LIMIT:
+        _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
+                    bv, bgf, bgb, bo, state_row, scale, T, c0, tl.cdiv(seg_len, BT), HV, o_k, m_k, o_v, m_v, K, V,
+                    SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+    else:
+        _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
+                              gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, tl.cdiv(seg_len, BC), HV, o_k, m_k, o_v,
+                              m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
 
 @triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
@@ -587,12 +690,14 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     o = output_buffer((B, T, H, V), q.dtype, q.device)
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    chunk_states = torch.empty(B * H * NS, SEGMENT // CHUNK, K, V, dtype=torch.float32, device=q.device)
     if NS > 1:
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
-    bigla_fwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, o, o_bwd, hf, hb, *strides, 0.5 * scale, T, NS, H,
-                                      BC=SUB_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT, **common)
+    bigla_fwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, hf, hb, *strides, 0.5 * scale,
+                                      T, NS, H, BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1,
+                                      LIMIT=DIAG_MATMUL_LIMIT, CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     return o.to(q.dtype)
 
 
