@@ -68,6 +68,28 @@ def test_triton_matches_naive_recurrence(check: str, interpreted_results: dict[s
     assert not too_large, f"{check}: relative errors {too_large} exceed {tolerance} (all: {result['errors']})"
 
 
+def _chunk_path_taken(case: cases.Case) -> torch.Tensor:
+    """Per (batch, head, segment): whether the forward kernel takes its CHUNK-token path for the case's gates
+    (no chunk of the segment decays by more than CHUNK_DECAY_LIMIT in any key channel, either gate)."""
+    from kernels.bigla.chunk import CHUNK, CHUNK_DECAY_LIMIT, SEGMENT
+
+    _, _, _, g_fwd, g_bwd = cases.make_inputs(case, "cpu")[0]
+    gates = torch.stack([g_fwd.detach().float(), g_bwd.detach().float()])  # [2, B, T, H, K]
+    padded = torch.nn.functional.pad(gates, (0, 0, 0, 0, 0, -case.T % SEGMENT))
+    chunk_decay = padded.unflatten(2, (-1, SEGMENT // CHUNK, CHUNK)).sum(4)  # [2, B, segments, chunks, H, K]
+    return chunk_decay.amin(dim=(0, 3, 5)) >= -CHUNK_DECAY_LIMIT
+
+
+def test_cases_cover_both_forward_paths() -> None:
+    """Mild gates run the chunk path in every program, steep and mixed ones the 16-token sweeps somewhere."""
+    for name, case in cases.CASES.items():
+        taken = _chunk_path_taken(case)
+        if case.gates in ("vig", "flat"):
+            assert taken.all(), f"{name}: some programs fall back to the 16-token sweeps"
+        else:
+            assert not taken.all(), f"{name}: every program takes the chunk path; the sweeps go untested"
+
+
 def _inputs(device: str, dtype: torch.dtype = torch.float32, T: int = 37) -> list[torch.Tensor]:
     case = cases.Case(2, T, 3, 32, 64, dtype, "vig")
     return cases.make_inputs(case, device)[0]
