@@ -25,8 +25,9 @@ overflows however steep the gates. Matrix products run on tf32 tensor cores (tf3
 
 The backward pass recomputes those states (nothing but the inputs is saved) and produces dq, dk, dv and
 both gate gradients in the two 16-token sweeps. The first sweep keeps its half of the gradients in fp32
-scratch for the second. The gate gradients come out as prefix sums of q*dq - k*dk per direction in the left-to-right sweep; the
-part from tokens left of a segment equals sum_v(state * gradient state) at its left edge.
+scratch for the second. The gate gradients come out as prefix sums of q*dq - k*dk per direction in the
+left-to-right sweep; the part from tokens left of a segment equals sum_v(state * gradient state) at its
+left edge.
 """
 from __future__ import annotations
 
