@@ -152,7 +152,8 @@ def _chosen_configs() -> dict[str, str]:
     """The config each of our autotuned kernels picked for its latest key."""
     from kernels.bigla import chunk
 
-    kernels = (chunk.bigla_fwd_kernel, chunk.bigla_bwd_kernel, chunk.bigla_segment_states_kernel)
+    kernels = (chunk.bigla_fwd_chunks_kernel, chunk.bigla_fwd_sweeps_kernel, chunk.bigla_bwd_chunks_kernel,
+               chunk.bigla_bwd_sweeps_kernel, chunk.bigla_segment_states_kernel)
     return {k.fn.__name__: str(k.best_config) for k in kernels if getattr(k, "best_config", None) is not None}
 
 

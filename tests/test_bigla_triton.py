@@ -69,8 +69,9 @@ def test_triton_matches_naive_recurrence(check: str, interpreted_results: dict[s
 
 
 def _chunk_path_taken(case: cases.Case) -> torch.Tensor:
-    """Per (batch, head, segment): whether the forward kernel takes its CHUNK-token path for the case's gates
-    (no chunk of the segment decays by more than CHUNK_DECAY_LIMIT in any key channel, either gate)."""
+    """Per (batch, head, segment): whether the forward and backward kernels take their CHUNK-token path for
+    the case's gates (no chunk of the segment decays by more than CHUNK_DECAY_LIMIT in any key channel, either
+    gate) rather than the 16-token sweeps."""
     from kernels.bigla.chunk import CHUNK, CHUNK_DECAY_LIMIT, SEGMENT
 
     _, _, _, g_fwd, g_bwd = cases.make_inputs(case, "cpu")[0]
@@ -80,7 +81,7 @@ def _chunk_path_taken(case: cases.Case) -> torch.Tensor:
     return chunk_decay.amin(dim=(0, 3, 5)) >= -CHUNK_DECAY_LIMIT
 
 
-def test_cases_cover_both_forward_paths() -> None:
+def test_cases_cover_both_kernel_paths() -> None:
     """Mild gates run the chunk path in every program, steep and mixed ones the 16-token sweeps somewhere."""
     for name, case in cases.CASES.items():
         taken = _chunk_path_taken(case)

@@ -23,11 +23,15 @@ overflows however steep the gates. Matrix products run on tf32 tensor cores (tf3
   on its own: few sequences (a 2048^2 image has B * H = 12 at batch 4) are split into small tiles to
   keep the GPU busy, many keep whole states (fewer redundant loads).
 
-The backward pass recomputes those states (nothing but the inputs is saved) and produces dq, dk, dv and
-both gate gradients in the two 16-token sweeps. The first sweep keeps its half of the gradients in fp32
-scratch for the second. The gate gradients come out as prefix sums of q*dq - k*dk per direction in the
-left-to-right sweep; the part from tokens left of a segment equals sum_v(state * gradient state) at its
-left edge.
+The backward pass recomputes those states (nothing but the inputs is saved). Its pre-pass walks right to
+left storing R and dS (the gradient of the forward state) entering each chunk; under mild gates two
+left-to-right passes of chunk-sized matrix products follow, one per direction, the first keeping its part
+of dq, dk, dv in fp32 scratch for the second; under steep gates two 16-token sweeps. The gate gradients
+come out as prefix sums of q*dq - k*dk per direction from left to right; the part from tokens left of a
+segment equals sum_v(state * gradient state) at its left edge.
+
+Each pass is two kernels, the chunk path (with the pre-pass) and the sweeps, which take over the segments
+whose steep flag the first raised: in one kernel the sweeps' register pressure made the chunk path spill.
 """
 from __future__ import annotations
 
@@ -402,84 +406,95 @@ def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_
         h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kf * tl.exp(tot)[None, :]), v_i, PRECISION)
 
 
+@triton.jit
+def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: tl.constexpr, V: tl.constexpr,
+                 SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """What a program of the forward or backward kernels covers: its key/value columns, where its rows start
+    in the inputs, in o, do and dv (bdo) and in dq, dk and the gate gradients (bdk), its segment states
+    (offs), its first token, segment length and row of chunk states, and its steep_flags entry."""
+    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
+        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
+    offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
+    c0 = i_s * SEG
+    flag = (i_bh * NS + i_s) * tl.num_programs(0) + i_v
+    return (o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 * V, row0 * K + i_v.to(tl.int64) * split_stride, offs,
+            m_s, c0, tl.minimum(SEG, T - c0), i_bh * NS + i_s, flag)
+
+
+
+# The forward and the backward are each two kernels, the chunk path and the sweeps, so that each gets its own
+# register allocation: in one kernel with the sweeps, the backward's chunk path spilled five times as much
+# (sm_90 compile, 8 warps: 312 against 64 bytes) and the forward's spilled at 2 warps (176 bytes against none).
 @triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, hf_states, hb_states,
-                     q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                     scale, T, NS, H,
-                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
-                     CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
-    """o for one segment of SEG tokens of one (batch, head) and one block of value columns.
+def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
+                            q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
+                            scale, T, NS, H,
+                            K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                            LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """o for one segment of SEG tokens of one (batch, head) and one block of value columns, under mild gates.
 
     First the backward states entering each BT-token chunk (right to left), which also finds the
     steepest chunk; if no chunk decays by more than CHUNK_LIMIT in any key channel, the chunks run left
-    to right as [BT, BT] matrix products (_fwd_chunks), else the segment runs in BC-token steps whose
-    decays stay exact under any gates (_fwd_sub_chunk_sweeps). Inputs may be strided over batch and
-    tokens (slices of a fused projection); a head's channels are contiguous. o and the scratch
-    (o_bwd, chunk_states) are contiguous.
+    to right as [BT, BT] matrix products (_fwd_chunks); else the program only raises its steep flag and
+    bigla_fwd_sweeps_kernel does its segment. Inputs may be strided over batch and tokens (slices of a
+    fused projection); a head's channels are contiguous. o and the scratch (o_bwd, chunk_states) are
+    contiguous.
     """
-    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
-        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
-    bo = row0 * V
-    HV = H * V
-    offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
-    c0 = i_s * SEG
-    seg_len = tl.minimum(SEG, T - c0)
-    state_row = i_bh * NS + i_s
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+        q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
+    n_chunks = tl.cdiv(seg_len, BT)
     steepest = _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st,
-                                      bk, bv, bgf, bgb, state_row, T, c0, tl.cdiv(seg_len, BT), o_k, m_k, o_v, m_v,
+                                      bk, bv, bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v,
                                       K, V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
-    tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
-    if steepest >= -CHUNK_LIMIT:
+    steep = steepest < -CHUNK_LIMIT
+    tl.store(steep_flags + flag, steep.to(tl.int32))
+    if not steep:
+        tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
         _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
-                    bv, bgf, bgb, bo, state_row, scale, T, c0, tl.cdiv(seg_len, BT), HV, o_k, m_k, o_v, m_v, K, V,
+                    bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, H * V, o_k, m_k, o_v, m_v, K, V,
                     SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
-    else:
-        _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
-                              gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, tl.cdiv(seg_len, BC), HV, o_k, m_k, o_v,
-                              m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
-                     hf_states, hb_states, dhf_states, dhb_states,
-                     q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                     scale, T, NS, H, split_stride,
-                     K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """dq, dk, dv, dg_fwd, dg_bwd for one segment of one (batch, head) and one block of value columns.
+def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
+                            q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
+                            scale, T, NS, H,
+                            K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                            LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """o of the segments whose steep flag bigla_fwd_chunks_kernel raised, in BC-token steps whose decays
+    stay exact under any gates (_fwd_sub_chunk_sweeps); the other programs return at once. Same arguments
+    as bigla_fwd_chunks_kernel."""
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, _, flag = _segment_program(
+        q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
+    if tl.load(steep_flags + flag) != 0:
+        _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
+                              gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, tl.cdiv(seg_len, BC), H * V, o_k, m_k,
+                              o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
-    Right to left, carrying R (backward state) and dS (gradient of the forward state): the backward
-    direction's dq and the forward direction's dk, dv go to fp32 scratch. Left to right, carrying S and
-    dR: the rest, the diagonal sub-chunks, and the gate gradients as prefix sums (dg_fwd[r] =
-    -sum_{t<r} (q dq_f - k dk_f)_t since those terms sum to zero over the sequence; dg_bwd[r] =
-    sum_{t<=r} (q dq_b - k dk_b)_t), started from sum_v(state * gradient state) at the segment's left edge.
-    do, the gradients and the scratch are contiguous; with several value blocks dq, dk and the gate
-    gradients are partial sums, written split_stride apart and summed by the caller.
-    """
-    i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
-        0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
-    bdo = row0 * V
-    bdk = row0 * K + i_v.to(tl.int64) * split_stride
-    HK = H * K
-    HV = H * V
+
+@triton.jit
+def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states, hb_states,
+                          dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb,
+                          bdo, bdk, scale, T, c0, n_sub, HK, HV, o_k, m_k, o_v, m_v, BC: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """The backward under any gates, BC tokens per step. Right to left, carrying R (backward state) and dS
+    (gradient of the forward state): the backward direction's dq and the forward direction's dk, dv go to
+    fp32 scratch. Left to right, carrying S and dR: the rest, the diagonal sub-chunks, and the gate
+    gradients."""
     if STATES_IN_MEMORY:
-        offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
         R = tl.load(hb_states + offs, mask=m_s, other=0.0)
         dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
     else:
         R = tl.zeros([BK, BV], tl.float32)
         dS = tl.zeros([BK, BV], tl.float32)
-    c0 = i_s * SEG
-    n_sub = tl.cdiv(tl.minimum(SEG, T - c0), BC)
-
     for j in range(0, n_sub):  # right to left
         r0 = c0 + (n_sub - 1 - j) * BC
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
@@ -540,6 +555,192 @@ def bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, 
         _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, BC)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(k_i * tl.exp(tot_f[None, :] - Fl)), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
+
+
+
+
+@triton.jit
+def _chunk_bwd_states(q, k, v, gf, gb, do, r_states, ds_states, hf_states, hb_states, dhf_states, dhb_states, offs,
+                      m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, state_row, T, c0, n_chunks,
+                      HV, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """Right to left over the segment's BT-token chunks: stores R (backward state) and dS (gradient of the
+    forward state) entering each chunk from its right (fp32 scratch, rows state_row...). Returns the least
+    total log decay of a chunk (both gates, every key channel) and the gate-gradient sums of the pairs that
+    straddle the segment's left edge: sum_v(S * dS) and sum_v(dR * R) there, R and dS including the segment."""
+    if STATES_IN_MEMORY:
+        R = tl.load(hb_states + offs, mask=m_s, other=0.0)
+        dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
+    else:
+        R = tl.zeros([BK, BV], tl.float32)
+        dS = tl.zeros([BK, BV], tl.float32)
+    steepest = tl.zeros([BK], tl.float32)
+    for j in range(0, n_chunks):
+        c = n_chunks - 1 - j
+        r0 = c0 + c * BT
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        tl.store(r_states + chunk_offs, R, mask=m_c)
+        tl.store(ds_states + chunk_offs, dS, mask=m_c)
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
+        tot_f = tl.sum(gf_i, 0)
+        tot_b = tl.sum(gb_i, 0)
+        steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
+        # R gains the chunk's keys decayed to its first token (sum_{i0 <= r < t} g_bwd), dS its queries
+        # decayed to its first token (sum_{i0 <= r <= t} g_fwd).
+        R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
+        dS = dS * tl.exp(tot_f)[:, None] + _mm(tl.trans(q_i * tl.exp(tl.cumsum(gf_i, 0))), do_i, PRECISION)
+    if STATES_IN_MEMORY:
+        run_f = tl.sum(tl.load(hf_states + offs, mask=m_s, other=0.0) * dS, 1)
+        run_b = tl.sum(tl.load(dhb_states + offs, mask=m_s, other=0.0) * R, 1)
+    else:
+        run_f = tl.zeros([BK], tl.float32)
+        run_b = tl.zeros([BK], tl.float32)
+    return tl.min(steepest, 0), run_f, run_b
+
+
+@triton.jit
+def _bwd_chunks_one_direction(q, k, v, g, do, dq, dk, dv, dg, dq_part, dk_part, dv_part, r_states, ds_states,
+                              hf_states, dhb_states, offs, m_s, run, q_st, k_st, v_st, g_st, bq, bk, bv, bg, bdo, bdk,
+                              state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                              V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, FORWARD: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """One direction's part of the backward under mild gates, BT tokens per step, left to right.
+
+    The forward direction carries S (its keys' state) and reads dS per chunk; it writes dg_fwd, and its
+    parts of dq, dk, dv go to fp32 scratch. The backward direction carries dR (its queries' state), reads R
+    per chunk, adds the scratch and writes dq, dk, dv and dg_bwd. As in _fwd_chunks, decays inside a chunk
+    are taken against its start (L: the direction's inclusive prefix sum of the gates from the chunk's
+    start, suffix sum for the backward direction), so the chunk's pairs are [BT, BT] matrix products. In
+    both directions a key meets the queries beyond the chunk through exp(tot - L), and the chunk's queries
+    meet the keys beyond it through exp(L). The gate gradient is a running sum of q*dq - k*dk, started
+    from run (the pairs straddling the segment's left edge).
+    """
+    if STATES_IN_MEMORY:
+        carried = tl.load((hf_states if FORWARD else dhb_states) + offs, mask=m_s, other=0.0)
+    else:
+        carried = tl.zeros([BK, BV], tl.float32)
+    o_r = tl.arange(0, BT)
+    if FORWARD:
+        pairs = o_r[:, None] >= o_r[None, :]  # (t, s): query t, key s; the diagonal is in both directions
+    else:
+        pairs = o_r[:, None] <= o_r[None, :]
+    for c in range(0, n_chunks):
+        r0 = c0 + c * BT
+        q_i, k_i, v_i, g_i = _step_tiles_raw(q, k, v, g, bq, bk, bv, bg, q_st, k_st, v_st, g_st, r0, T, o_k, m_k,
+                                             o_v, m_v, BT)
+        q_i, k_i, v_i, g_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), g_i.to(tl.float32)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        if FORWARD:
+            key_state = carried
+            query_state = tl.load(ds_states + chunk_offs, mask=m_c, other=0.0)
+            L = tl.cumsum(g_i, 0)
+        else:
+            key_state = tl.load(r_states + chunk_offs, mask=m_c, other=0.0)
+            query_state = carried
+            L = tl.cumsum(g_i, 0, reverse=True)
+        tot = tl.sum(g_i, 0)
+        e_q = tl.exp(L)
+        from_start = tl.exp(-L)
+        q_dec = q_i * e_q
+        k_dec = k_i * from_start
+        k_out = k_dec * tl.exp(tot)[None, :]  # keys decayed to the chunk's far edge, where the state leaves
+        dA = tl.where(pairs, _mm(do_i, tl.trans(v_i), PRECISION), 0.0)  # dA[t, s] = do_t . v_s
+        scores = tl.where(pairs, _mm(q_dec, tl.trans(k_dec), PRECISION), 0.0)
+        b_dq = (_mm(dA, k_dec, PRECISION) + _mm(do_i, tl.trans(key_state), PRECISION)) * e_q
+        b_dk = (_mm(tl.trans(dA), q_dec, PRECISION)
+                + _mm(v_i, tl.trans(query_state), PRECISION) * tl.exp(tot)[None, :]) * from_start
+        b_dv = _mm(tl.trans(scores), do_i, PRECISION) + _mm(k_out, query_state, PRECISION)
+        dF = q_i * b_dq - k_i * b_dk
+        if FORWARD:
+            b_dg = run[None, :] - (tl.cumsum(dF, 0) - dF)
+            run -= tl.sum(dF, 0)
+            _store_rows(dq_part, bdk, r0, T, HK, o_k, m_k, b_dq, BT)
+            _store_rows(dk_part, bdk, r0, T, HK, o_k, m_k, b_dk, BT)
+            _store_rows(dv_part, bdo, r0, T, HV, o_v, m_v, b_dv, BT)
+            carried = carried * tl.exp(tot)[:, None] + _mm(tl.trans(k_out), v_i, PRECISION)
+        else:
+            b_dg = run[None, :] + tl.cumsum(dF, 0)
+            run += tl.sum(dF, 0)
+            b_dq += _load_rows(dq_part, bdk, r0, T, HK, o_k, m_k, BT)
+            b_dk += _load_rows(dk_part, bdk, r0, T, HK, o_k, m_k, BT)
+            b_dv += _load_rows(dv_part, bdo, r0, T, HV, o_v, m_v, BT)
+            _store_rows(dq, bdk, r0, T, HK, o_k, m_k, b_dq * scale, BT)
+            _store_rows(dk, bdk, r0, T, HK, o_k, m_k, b_dk * scale, BT)
+            _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BT)
+            carried = carried * tl.exp(tot)[:, None] + _mm(tl.trans(q_dec), do_i, PRECISION)
+        _store_rows(dg, bdk, r0, T, HK, o_k, m_k, b_dg * scale, BT)
+
+
+@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
+@triton.jit
+def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
+                            steep_flags, hf_states, hb_states, dhf_states, dhb_states,
+                            q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
+                            scale, T, NS, H, split_stride,
+                            K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                            LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk, dv, dg_fwd, dg_bwd for one segment of one (batch, head) and one block of value columns,
+    under mild gates.
+
+    First R and dS entering each BT-token chunk (right to left), which also finds the steepest chunk. If no
+    chunk decays by more than CHUNK_LIMIT in any key channel, two left-to-right passes of [BT, BT] matrix
+    products, one per direction (_bwd_chunks_one_direction); else the program only raises its steep flag
+    and bigla_bwd_sweeps_kernel does its segment. The gate gradients come out as prefix sums (dg_fwd[r] =
+    -sum_{t<r} (q dq_f - k dk_f)_t since those terms sum to zero over the sequence; dg_bwd[r] = sum_{t<=r}
+    (q dq_b - k dk_b)_t), started from sum_v(state * gradient state) at the segment's left edge. do, the
+    gradients and the scratch are contiguous; with several value blocks dq, dk and the gate gradients are
+    partial sums, written split_stride apart and summed by the caller.
+    """
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+        q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
+    n_chunks = tl.cdiv(seg_len, BT)
+    HK = H * K
+    HV = H * V
+    steepest, run_f, run_b = _chunk_bwd_states(
+        q, k, v, gf, gb, do, r_states, ds_states, hf_states, hb_states, dhf_states, dhb_states, offs, m_s, q_st,
+        k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, state_row, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, K,
+        V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+    steep = steepest < -CHUNK_LIMIT
+    tl.store(steep_flags + flag, steep.to(tl.int32))
+    if not steep:
+        tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
+        _bwd_chunks_one_direction(q, k, v, gf, do, dq, dk, dv, dgf, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
+                                  hf_states, dhb_states, offs, m_s, run_f, q_st, k_st, v_st, gf_st, bq, bk, bv, bgf,
+                                  bdo, bdk, state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K, V, SEG,
+                                  BT, BK, BV, STATES_IN_MEMORY, True, PRECISION)
+        tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
+        _bwd_chunks_one_direction(q, k, v, gb, do, dq, dk, dv, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
+                                  hf_states, dhb_states, offs, m_s, run_b, q_st, k_st, v_st, gb_st, bq, bk, bv, bgb,
+                                  bdo, bdk, state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K, V, SEG,
+                                  BT, BK, BV, STATES_IN_MEMORY, False, PRECISION)
+
+
+@triton.autotune(configs=_autotune_configs(num_stages=1), key=["T", "K", "V", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
+@triton.jit
+def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
+                            steep_flags, hf_states, hb_states, dhf_states, dhb_states,
+                            q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
+                            scale, T, NS, H, split_stride,
+                            K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                            LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, in BC-token sweeps
+    that stay exact under any gates (_bwd_sub_chunk_sweeps); the other programs return at once. Same
+    arguments as bigla_bwd_chunks_kernel."""
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+        q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
+    if tl.load(steep_flags + flag) != 0:
+        _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states,
+                              hb_states, dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
+                              bv, bgf, bgb, bdo, bdk, scale, T, c0, tl.cdiv(seg_len, BC), H * K, H * V, o_k, m_k,
+                              o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
 
 @triton.autotune(configs=_autotune_configs(num_stages=2), key=["T", "K", "V", "BK", "BV"], **AUTOTUNE_CACHE)
@@ -692,13 +893,16 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     o = output_buffer((B, T, H, V), q.dtype, q.device)
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_states = torch.empty(B * H * NS, SEGMENT // CHUNK, K, V, dtype=torch.float32, device=q.device)
+    steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
-    bigla_fwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, hf, hb, *strides, 0.5 * scale,
-                                      T, NS, H, BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1,
-                                      LIMIT=DIAG_MATMUL_LIMIT, CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
+    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
+    constants = dict(BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
+                     CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
+    bigla_fwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
+    bigla_fwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
     return o.to(q.dtype)
 
 
@@ -715,13 +919,19 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(4))
     dq_bwd, dk_fwd = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    r_states, ds_states = (torch.empty(B * H * NS, SEGMENT // CHUNK, K, V, dtype=torch.float32, device=q.device)
+                           for _ in range(2))
+    steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds=4)
     else:
         hf = hb = dhf = dhb = dv_fwd  # not read
-    bigla_bwd_kernel[(NV, NS, B * H)](q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd,
-                                      hf, hb, dhf, dhb, *strides, 0.5 * scale, T, NS, H, B * T * H * K,
-                                      BC=SUB_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT, **common)
+    args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states, steep_flags,
+            hf, hb, dhf, dhb, *strides, 0.5 * scale, T, NS, H, B * T * H * K)
+    constants = dict(BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
+                     CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
+    bigla_bwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
+    bigla_bwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
     if NV > 1:
         dq, dk, dgf, dgb = (x.sum(0) for x in (dq, dk, dgf, dgb))
     return tuple(x.to(ref.dtype) for x, ref in ((dq, q), (dk, k), (dv, v), (dgf, g_fwd), (dgb, g_bwd)))
