@@ -12,20 +12,28 @@ forward alone and forward + backward of
 Beside them it prints our speed-up and the memory-traffic floor: the bytes the operator must move (each
 input read once, each output written once) over the device-to-device copy bandwidth measured here.
 Outputs of ours and of fla's chunk kernel are compared, as a sanity check of equal semantics.
+
+For kernel work, `--against old.py [...]` also times other versions of kernels/bigla/chunk.py (e.g.
+`git show REV:kernels/bigla/chunk.py > old.py`) beside this checkout's, on the same inputs in the same
+process: chunk_bigla_fwd and chunk_bigla_bwd from the host and their kernels' device time, and how far
+their outputs and gradients are from ours.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from kernels.bigla import bigla
+from kernels.bigla import bigla, chunk
 from kernels.norm_mix import norm_mix, norm_mix_reference
 
 SHAPES = ((256, 196), (64, 1024), (16, 4096))
@@ -53,6 +61,19 @@ class Row:
     ours_first_call_s: float
     ours_kernel_ms: dict[str, float]
     ours_configs: dict[str, str]
+    versions: dict[str, dict] = field(default_factory=dict)  # --against: VersionTiming per chunk.py
+
+
+@dataclass
+class VersionTiming:
+    """One version of kernels/bigla/chunk.py on the row's inputs: its raw forward and backward (no autograd)."""
+
+    source: str
+    fwd_ms: float  # chunk_bigla_fwd timed from the host (launches and allocations included)
+    bwd_ms: float  # chunk_bigla_bwd, the same way
+    fwd_kernels_ms: float  # device time of the kernels chunk_bigla_fwd launches
+    bwd_kernels_ms: float
+    rel_diff: float  # largest ||this - first version|| / ||first version|| over o and the five gradients
 
 
 def _time_ms(fn) -> float:
@@ -107,6 +128,58 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def load_chunk_version(path: str) -> ModuleType:
+    """A copy of kernels/bigla/chunk.py from another revision, imported from its file."""
+    name = "bigla_chunk_version_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise SystemExit(f"--against {path}: no such Python file; write one with "
+                         "`git show REV:kernels/bigla/chunk.py > old.py`")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [name for name in ("chunk_bigla_fwd", "chunk_bigla_bwd") if not hasattr(module, name)]
+    if missing:
+        raise SystemExit(f"--against {path}: defines no {' or '.join(missing)}; pass a copy of "
+                         "kernels/bigla/chunk.py")
+    return module
+
+
+def _device_ms(fn: Callable[[], object]) -> float:
+    return sum(kernel_times(fn).values())
+
+
+def time_versions(versions: dict[str, ModuleType], inputs: list[torch.Tensor], do: torch.Tensor,
+                  host_ms: Callable[[Callable[[], object]], float] = _time_ms,
+                  device_ms: Callable[[Callable[[], object]], float] = _device_ms) -> dict[str, VersionTiming]:
+    """Each version's chunk_bigla_fwd and chunk_bigla_bwd on the same inputs; differences are taken against
+    the first version."""
+    scale = inputs[0].shape[-1] ** -0.5
+    timings, first = {}, None
+    for source, module in versions.items():
+        def fwd(module=module):
+            return module.chunk_bigla_fwd(*inputs, scale)
+
+        def bwd(module=module):
+            return module.chunk_bigla_bwd(*inputs, do, scale)
+
+        outputs = [x.float() for x in (fwd(), *bwd())]
+        first = outputs if first is None else first
+        rel_diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outputs, first))
+        timings[source] = VersionTiming(source, host_ms(fwd), host_ms(bwd), device_ms(fwd), device_ms(bwd),
+                                        rel_diff)
+    return timings
+
+
+def print_versions(timings: dict[str, VersionTiming]) -> None:
+    """One line per version; the times over the first version's (above 1: the first is faster)."""
+    first = next(iter(timings.values()))
+    for t in timings.values():
+        print(f"    {t.source}: fwd {t.fwd_ms:.4f} ms ({t.fwd_ms / first.fwd_ms:.2f}x), "
+              f"bwd {t.bwd_ms:.4f} ms ({t.bwd_ms / first.bwd_ms:.2f}x); kernels fwd {t.fwd_kernels_ms:.4f} "
+              f"({t.fwd_kernels_ms / first.fwd_kernels_ms:.2f}x), bwd {t.bwd_kernels_ms:.4f} "
+              f"({t.bwd_kernels_ms / first.bwd_kernels_ms:.2f}x); rel diff {t.rel_diff:.1e}", flush=True)
+
+
 def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[float, float]:
     start = time.perf_counter()
     with torch.no_grad():
@@ -119,7 +192,7 @@ def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[f
 
 
 def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, baselines: bool, recurrent: bool,
-              device: torch.device) -> Row:
+              device: torch.device, against: dict[str, ModuleType] | None = None) -> Row:
     H, dtype = MODEL_HEADS[model], DTYPES[dtype_name]
     inputs = _inputs(B, T, H, dtype, device)
     do = torch.randn(B, T, H, VALUE_DIM, device=device, dtype=dtype)
@@ -143,15 +216,18 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, bas
     n, size = B * T * H, dtype.itemsize
     fwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size  # q, k, g_fwd, g_bwd, v in; o out
     bwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size + n * (4 * KEY_DIM + VALUE_DIM) * size  # + do in; grads out
+    versions = {}
+    if against:
+        timings = time_versions({"this checkout": chunk, **against}, inputs, do)
+        print_versions(timings)
+        versions = {source: asdict(t) for source, t in timings.items()}
     return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, rec_fwd, rec_fwdbwd,
                fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff, first_call_s,
-               kernels_ms, _chosen_configs())
+               kernels_ms, _chosen_configs(), versions)
 
 
 def _chosen_configs() -> dict[str, str]:
     """The config each of our autotuned kernels picked for its latest key."""
-    from kernels.bigla import chunk
-
     kernels = (chunk.bigla_fwd_chunks_kernel, chunk.bigla_fwd_sweeps_kernel, chunk.bigla_bwd_chunks_kernel,
                chunk.bigla_bwd_sweeps_kernel, chunk.bigla_segment_states_kernel)
     return {k.fn.__name__: str(k.best_config) for k in kernels if getattr(k, "best_config", None) is not None}
@@ -218,10 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-recurrent", action="store_true", help="skip the (slow) fused_recurrent baseline")
     parser.add_argument("--no-epilogue", action="store_true", help="skip the norm_mix epilogue timing")
     parser.add_argument("--warm-up", action="store_true", help="only compile every kernel (see warm_up)")
+    parser.add_argument("--against", nargs="+", default=[], metavar="CHUNK_PY",
+                        help="other versions of kernels/bigla/chunk.py, timed beside this checkout's")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
+    against = {path: load_chunk_version(path) for path in args.against}
     if args.warm_up:
         return warm_up(args.dtypes, device)
     bandwidth = copy_bandwidth(device)
@@ -238,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             for dtype_name in args.dtypes:
                 print(f"B{B} T{T} {model} {dtype_name}:", flush=True)
                 rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_baselines,
-                                      not args.no_recurrent, device))
+                                      not args.no_recurrent, device, against))
                 print("    our kernels, fwd+bwd (ms/call):",
                       {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()}, rows[-1].ours_configs,
                       flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -66,8 +67,9 @@ CASES = {
 }
 
 
-# Checks beyond the BiGLA cases: the custom op's registration, torch.compile, and the fused epilogue.
-EXTRA_CHECKS = ("opcheck", "compile", "norm_mix_fp32", "norm_mix_swish_bf16")
+# Checks beyond the BiGLA cases: the custom op's registration, torch.compile, the fused epilogue, and the
+# benchmark's timing of another chunk.py beside ours.
+EXTRA_CHECKS = ("opcheck", "compile", "norm_mix_fp32", "norm_mix_swish_bf16", "bench_against_copy")
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -170,6 +172,31 @@ def check_norm_mix(device: str, dtype: torch.dtype, swish: bool) -> dict[str, fl
     return errors
 
 
+def check_bench_against_copy(device: str) -> float:
+    """`kernels.bench --against`: a copy of chunk.py, imported from its file, runs beside ours on the same
+    inputs, each function once for its output and once per timer. Returns the copy's difference from ours."""
+    from kernels import bench
+    from kernels.bigla import chunk
+
+    inputs, do = make_inputs(Case(1, 40, 2, 16, 32, torch.float32, "vig"), device)
+    calls = []
+
+    def fake_timer(fn) -> float:
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "old_chunk.py")
+        shutil.copyfile(chunk.__file__, copy)
+        versions = {"ours": chunk, "copy": bench.load_chunk_version(copy)}
+        timings = bench.time_versions(versions, [x.detach() for x in inputs], do, fake_timer, fake_timer)
+    assert versions["copy"] is not chunk and versions["copy"].chunk_bigla_fwd is not chunk.chunk_bigla_fwd
+    assert list(timings) == ["ours", "copy"] and len(calls) == 8, (list(timings), len(calls))
+    assert timings["ours"].rel_diff == 0.0 and timings["copy"].bwd_kernels_ms == 1.0
+    return timings["copy"].rel_diff
+
+
 def run(names: list[str], device: str) -> dict[str, dict]:
     results = {}
     for name in names:
@@ -184,6 +211,8 @@ def run(names: list[str], device: str) -> dict[str, dict]:
                 results[name] = {"errors": errors, "tolerance": TOLERANCE[dtype]}
             elif name == "compile":
                 results[name] = {"errors": {"max": check_compile(device)}, "tolerance": 1e-5}
+            elif name == "bench_against_copy":  # the same code: equal up to the configs autotuning picks
+                results[name] = {"errors": {"rel_diff": check_bench_against_copy(device)}, "tolerance": 1e-6}
             else:
                 case = CASES[name]
                 results[name] = {"errors": relative_errors(case, device), "tolerance": TOLERANCE[case.dtype]}

@@ -22,7 +22,7 @@ from kernels.norm_mix import norm_mix, norm_mix_reference
 ON_GPU = torch.cuda.is_available()
 CHECKS = [*cases.CASES, *cases.EXTRA_CHECKS]
 CHECK_COST = {**{name: case.cost for name, case in cases.CASES.items()}, "opcheck": 3.0, "compile": 2.0,
-              "norm_mix_fp32": 0.5, "norm_mix_swish_bf16": 0.5}
+              "norm_mix_fp32": 0.5, "norm_mix_swish_bf16": 0.5, "bench_against_copy": 2.0}
 INTERPRETER_WORKERS = 2
 INTERPRETER_TIMEOUT_S = 600
 
