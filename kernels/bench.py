@@ -130,8 +130,8 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
 def load_chunk_version(path: str) -> ModuleType:
     """A copy of kernels/bigla/chunk.py from another revision, imported from its file."""
-    name = "bigla_chunk_version_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
-    spec = importlib.util.spec_from_file_location(name, path)
+    module_name = "bigla_chunk_version_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None or not os.path.isfile(path):
         raise SystemExit(f"--against {path}: no such Python file; write one with "
                          "`git show REV:kernels/bigla/chunk.py > old.py`")
