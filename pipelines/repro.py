@@ -1,10 +1,12 @@
 """`python -m pipelines.repro [dvc repro args]`: run the DVC pipeline as one tracked pipeline execution.
 
 Sets the environment every stage expects (one pipeline id shared by all stages' MLflow runs, the
-sandbox-safe Ray/DVC settings) and hands over to `dvc repro`.
+sandbox-safe Ray/DVC settings), repairs the rwlock file an interrupted dvc can leave truncated, and hands over to
+`dvc repro`.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,9 +33,46 @@ def pipeline_env() -> dict[str, str]:
     return env
 
 
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
+
+
+def repair_truncated_rwlock(root: Path) -> bool:
+    """Reset DVC's stage-lock file if it is not valid JSON; True if it was reset.
+
+    dvc rewrites `.dvc/tmp/rwlock` in place when a stage starts and ends, so a dvc killed at that moment (SLURM
+    preempting or timing out a job, Ctrl-C twice) leaves it truncated, and every later `dvc repro` in the project
+    fails with "JSON structure is corrupted". The file only records which live dvc processes use which paths
+    (dvc drops entries of dead processes itself), so nothing a truncated file held can still be read back. The
+    check runs under dvc's own guard lock, so a dvc writing the file at that moment is never mistaken for a crash.
+    """
+    from dvc.lock import make_lock
+    from dvc.repo import Repo
+    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK
+
+    with Repo(str(root)) as repo:
+        tmp_dir, hardlink = repo.tmp_dir, repo.config["core"].get("hardlink_lock", False)
+    rwlock = Path(tmp_dir) / RWLOCK_FILE
+    with make_lock(str(Path(tmp_dir) / RWLOCK_LOCK), tmp_dir=tmp_dir, hardlink_lock=hardlink):
+        if not rwlock.exists() or _is_json(rwlock.read_bytes()):
+            return False
+        size = rwlock.stat().st_size
+        staged = rwlock.with_name(f".{RWLOCK_FILE}.repair")
+        staged.write_text("{}", encoding="utf-8")
+        staged.replace(rwlock)
+    print(f"warning: {rwlock} was truncated ({size} bytes of invalid JSON), most likely by a dvc killed while "
+          "it wrote the file (a preempted or timed-out job): reset it to no locks held", flush=True)  # fmt: skip
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     env = pipeline_env()
+    repair_truncated_rwlock(project_root())
     print(f"pipeline id {env[PIPELINE_ID_ENV]}: dvc repro {' '.join(argv)}", flush=True)
     return subprocess.call([sys.executable, "-m", "dvc", "repro", *argv], cwd=project_root(), env=env)
 
