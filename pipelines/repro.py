@@ -54,6 +54,8 @@ def repair_truncated_rwlock(root: Path) -> bool:
     from dvc.repo import Repo
     from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK
 
+    if not (root / Repo.DVC_DIR).is_dir():
+        return False  # not a DVC project: `dvc repro` says so itself
     with Repo(str(root)) as repo:
         tmp_dir, hardlink = repo.tmp_dir, repo.config["core"].get("hardlink_lock", False)
     rwlock = Path(tmp_dir) / RWLOCK_FILE
