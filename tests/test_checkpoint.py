@@ -36,6 +36,24 @@ def test_official_logits_are_reproduced_in_eval_and_train(kind):
     torch.testing.assert_close(train_logits, fixture["logits_train"], atol=2e-3, rtol=0)
 
 
+# bf16 keeps 8 significant bits (machine epsilon 2**-7); the documented tolerance for a whole model under bf16
+# autocast is two epsilons of relative RMS error against the released code's fp32 logits (README, "Models").
+BF16_RELATIVE_RMS = 2 * 2**-7
+
+
+@pytest.mark.parametrize("kind", ["plain", "hier"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_bf16_autocast_logits_stay_within_the_documented_tolerance(kind, mode):
+    name, kwargs = FIXTURE_MODELS[kind]
+    fixture = FIXTURES[kind]
+    model = getattr(load_official(fixture["state_dict"], name, **kwargs), mode)()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(fixture["input"]).float()
+    expected = fixture[f"logits_{mode}"]
+    relative_rms = ((logits - expected).pow(2).mean() / expected.pow(2).mean()).sqrt().item()
+    assert relative_rms <= BF16_RELATIVE_RMS, f"{kind} {mode}: relative RMS error {relative_rms:.2e} in bf16"
+
+
 @pytest.mark.parametrize("wrap", ["bare", "model", "model_ema"])
 def test_release_wrappings_and_files_load(tmp_path, wrap):
     name, kwargs = FIXTURE_MODELS["plain"]
