@@ -11,7 +11,9 @@ forward alone and forward + backward of
 - fla fused_recurrent_gla, once forward and once reverse.
 Beside them it prints our speed-up and the memory-traffic floor: the bytes the operator must move (each
 input read once, each output written once) over the device-to-device copy bandwidth measured here.
-Outputs of ours and of fla's chunk kernel are compared, as a sanity check of equal semantics.
+Outputs of ours and of fla's chunk kernel are compared, as a sanity check of equal semantics. do_bench
+times calls from the host, so launch work that the GPU outruns counts; the device columns add up the GPU
+time of the kernels each call launches (torch.profiler), what a CUDA graph or a compiled model would pay.
 
 For kernel work, `--against old.py [...]` also times other versions of kernels/bigla/chunk.py (e.g.
 `git show REV:kernels/bigla/chunk.py > old.py`) beside this checkout's, on the same inputs in the same
@@ -53,6 +55,10 @@ class Row:
     ours_fwdbwd_ms: float
     fla_chunk_fwd_ms: float | None
     fla_chunk_fwdbwd_ms: float | None
+    ours_device_fwd_ms: float  # GPU time of the kernels per call (no host launch work)
+    ours_device_fwdbwd_ms: float
+    fla_chunk_device_fwd_ms: float | None
+    fla_chunk_device_fwdbwd_ms: float | None
     fla_recurrent_fwd_ms: float | None
     fla_recurrent_fwdbwd_ms: float | None
     floor_fwd_ms: float
@@ -180,14 +186,16 @@ def print_versions(timings: dict[str, VersionTiming]) -> None:
               f"({t.bwd_kernels_ms / first.bwd_kernels_ms:.2f}x); rel diff {t.rel_diff:.1e}", flush=True)
 
 
-def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor) -> tuple[float, float]:
+def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor,
+                    timer: Callable[[Callable[[], object]], float] = _time_ms) -> tuple[float, float]:
     start = time.perf_counter()
     with torch.no_grad():
-        fwd = _time_ms(lambda: fn(*inputs))
+        fwd = timer(lambda: fn(*inputs))
     leaves = [x.detach().requires_grad_() for x in inputs]
-    fwdbwd = _time_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, do))
-    print(f"    {fn.__name__}: fwd {fwd:.4f} ms, fwd+bwd {fwdbwd:.4f} ms ({time.perf_counter() - start:.0f} s)",
-          flush=True)
+    fwdbwd = timer(lambda: torch.autograd.grad(fn(*leaves), leaves, do))
+    kind = "host-timed" if timer is _time_ms else "device"
+    print(f"    {fn.__name__} ({kind}): fwd {fwd:.4f} ms, fwd+bwd {fwdbwd:.4f} ms "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
     return fwd, fwdbwd
 
 
@@ -211,7 +219,9 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, bas
     leaves = [x.detach().requires_grad_() for x in inputs]
     kernels_ms = kernel_times(lambda: torch.autograd.grad(bigla(*leaves), leaves, do))
     ours_fwd, ours_fwdbwd = _fwd_and_fwdbwd(bigla, inputs, do)
+    ours_device = _fwd_and_fwdbwd(bigla, inputs, do, _device_ms)
     chunk_fwd, chunk_fwdbwd = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do) if baselines else (None, None)
+    chunk_device = _fwd_and_fwdbwd(fla_chunk_stacked, inputs, do, _device_ms) if baselines else (None, None)
     rec_fwd, rec_fwdbwd = _fwd_and_fwdbwd(fla_recurrent, inputs, do) if baselines and recurrent else (None, None)
     n, size = B * T * H, dtype.itemsize
     fwd_bytes = n * (4 * KEY_DIM + 2 * VALUE_DIM) * size  # q, k, g_fwd, g_bwd, v in; o out
@@ -221,7 +231,8 @@ def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, bas
         timings = time_versions({"this checkout": chunk, **against}, inputs, do)
         print_versions(timings)
         versions = {source: asdict(t) for source, t in timings.items()}
-    return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, rec_fwd, rec_fwdbwd,
+    return Row(B, T, model, H, dtype_name, ours_fwd, ours_fwdbwd, chunk_fwd, chunk_fwdbwd, *ours_device,
+               *chunk_device, rec_fwd, rec_fwdbwd,
                fwd_bytes / bandwidth * 1e3, (fwd_bytes + bwd_bytes) / bandwidth * 1e3, rel_diff, first_call_s,
                kernels_ms, _chosen_configs(), versions)
 
@@ -269,6 +280,7 @@ def _ratio(baseline: float | None, ours: float) -> str:
 
 
 TABLE_HEADER = ("B", "T", "model", "dtype", "ours fwd", "ours f+b", "chunk fwd", "chunk f+b", "rec fwd", "rec f+b",
+                "x chunk fwd", "x chunk f+b", "device: ours fwd", "ours f+b", "chunk fwd", "chunk f+b",
                 "x chunk fwd", "x chunk f+b", "floor fwd", "floor f+b", "diff", "compile s")
 
 
@@ -277,7 +289,10 @@ def print_table(rows: list[Row]) -> None:
         print(" | ".join([str(r.B), str(r.T), r.model, r.dtype, _fmt(r.ours_fwd_ms), _fmt(r.ours_fwdbwd_ms),
                           _fmt(r.fla_chunk_fwd_ms), _fmt(r.fla_chunk_fwdbwd_ms), _fmt(r.fla_recurrent_fwd_ms),
                           _fmt(r.fla_recurrent_fwdbwd_ms), _ratio(r.fla_chunk_fwd_ms, r.ours_fwd_ms),
-                          _ratio(r.fla_chunk_fwdbwd_ms, r.ours_fwdbwd_ms), _fmt(r.floor_fwd_ms),
+                          _ratio(r.fla_chunk_fwdbwd_ms, r.ours_fwdbwd_ms), _fmt(r.ours_device_fwd_ms),
+                          _fmt(r.ours_device_fwdbwd_ms), _fmt(r.fla_chunk_device_fwd_ms),
+                          _fmt(r.fla_chunk_device_fwdbwd_ms), _ratio(r.fla_chunk_device_fwd_ms, r.ours_device_fwd_ms),
+                          _ratio(r.fla_chunk_device_fwdbwd_ms, r.ours_device_fwdbwd_ms), _fmt(r.floor_fwd_ms),
                           _fmt(r.floor_fwdbwd_ms), "-" if r.rel_diff_vs_fla_chunk is None else
                           f"{r.rel_diff_vs_fla_chunk:.1e}", f"{r.ours_first_call_s:.0f}"]),
               flush=True)
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
                 report["rows"].append(asdict(rows[-1]))
                 _write_json(report, args.out)  # after every row: a cut-off run keeps what it measured
                 torch.cuda.empty_cache()
-    print("\nall rows (ms; x chunk = fla chunk time / ours):")
+    print("\nall rows (ms; x chunk = fla chunk time / ours; host-timed, then device time of the kernels):")
     print(" | ".join(TABLE_HEADER))
     print_table(rows)
     _write_json(report, args.out)

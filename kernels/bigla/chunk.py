@@ -54,6 +54,7 @@ CHUNK = 32  # BT: tokens per step of the forward under mild gates; 64 ran slower
 # products far from fp32 overflow. ViG's gates (logsigmoid(z) / 16) decay by about 0.05 per token; fp32
 # outputs at mean decays of 20-40 per chunk matched the recurrence to 2.4e-7 (interpreter, fast path forced).
 CHUNK_DECAY_LIMIT = 40.0
+FWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) tried first for the forward's chunk kernel, see there
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -72,17 +73,22 @@ AUTOTUNE_CACHE = ({"cache_results": os.environ.get("VIG_BIGLA_AUTOTUNE_CACHE", "
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def _autotune_configs(num_stages: int, warps: tuple[int, ...] = (4, 8)) -> list[triton.Config]:
-    """Configs to search: `warps` at num_stages by default (each config is another compile of a large
-    kernel); VIG_BIGLA_CONFIGS="warps:stages,..." replaces the list (tuning runs). The interpreter cannot
-    benchmark configs (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time matters
-    more than speed (tests): one config each."""
-    if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
-        return [triton.Config({}, num_warps=4, num_stages=num_stages)]
+def _autotune_configs(num_stages: int, warps: tuple[int, ...] = (4, 8),
+                      register_caps: tuple[int | None, ...] = (None,)) -> list[triton.Config]:
+    """Configs to search: every `warps` x `register_caps` (maxnreg; None: the compiler's choice, up to 255)
+    at num_stages (each config is another compile of a large kernel); VIG_BIGLA_CONFIGS=
+    "warps:stages[:maxnreg],..." replaces the list (tuning runs). The interpreter cannot benchmark configs
+    (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time matters more than speed
+    (tests): then the first config only."""
     if os.environ.get("VIG_BIGLA_CONFIGS"):
-        pairs = [item.split(":") for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
-        return [triton.Config({}, num_warps=int(w), num_stages=int(s)) for w, s in pairs]
-    return [triton.Config({}, num_warps=w, num_stages=num_stages) for w in warps]
+        fields = [[int(x) for x in item.split(":")] for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
+        return [triton.Config({}, num_warps=f[0], num_stages=f[1], maxnreg=f[2] if len(f) > 2 else None)
+                for f in fields]
+    configs = [triton.Config({}, num_warps=w, num_stages=num_stages, maxnreg=cap)
+               for w in warps for cap in register_caps]
+    if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
+        return configs[:1]
+    return configs
 
 
 @triton.jit
@@ -426,8 +432,11 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # The forward and the backward are each two kernels, the chunk path and the sweeps, so that each gets its own
 # register allocation: in one kernel with the sweeps, the backward's chunk path spilled five times as much
 # (sm_90 compile, 8 warps: 312 against 64 bytes) and the forward's spilled at 2 warps (176 bytes against none).
-@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
-                 **AUTOTUNE_CACHE)
+# The forward's chunk kernel is latency-bound, so more programs per multiprocessor pay for a few spills: at
+# 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
+# at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6).
+@triton.autotune(configs=_autotune_configs(num_stages=1, warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
+                 key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
