@@ -120,6 +120,28 @@ def test_bad_inputs_are_named() -> None:
         bigla(q, k.long(), v, g_fwd, g_bwd)
 
 
+def test_autotune_search_space_and_its_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.bigla import chunk
+
+    monkeypatch.setattr(chunk, "INTERPRET", False)
+    monkeypatch.delenv("VIG_BIGLA_CONFIGS", raising=False)
+    monkeypatch.setenv("VIG_BIGLA_AUTOTUNE", "1")
+
+    def searched(**kwargs) -> list[tuple[int, int, int | None]]:
+        return [(c.num_warps, c.num_stages, c.maxnreg) for c in chunk._autotune_configs(**kwargs)]
+
+    assert searched(stages=(1, 3), warps=(2, 4), register_caps=(168, None)) == [
+        (2, 1, 168), (2, 1, None), (2, 3, 168), (2, 3, None), (4, 1, 168), (4, 1, None), (4, 3, 168), (4, 3, None)]
+    monkeypatch.setenv("VIG_BIGLA_AUTOTUNE", "0")  # the tests' setting: the first config, no search
+    assert searched(stages=(1, 3)) == [(4, 1, None)]
+    monkeypatch.setenv("VIG_BIGLA_AUTOTUNE", "1")
+    monkeypatch.setenv("VIG_BIGLA_CONFIGS", "2:1:168,8:3")
+    assert searched(stages=(2,)) == [(2, 1, 168), (8, 3, None)]
+    monkeypatch.setenv("VIG_BIGLA_CONFIGS", "2:1,4")
+    with pytest.raises(ValueError, match="entry '4': expected warps:stages"):
+        chunk._autotune_configs(stages=(1,))
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dispatch_runs_triton_under_autocast(dtype: torch.dtype) -> None:

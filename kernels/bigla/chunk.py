@@ -82,14 +82,23 @@ def _autotune_configs(stages: tuple[int, ...], warps: tuple[int, ...] = (4, 8),
     (no GPU driver), and VIG_BIGLA_AUTOTUNE=0 skips the search where compile time matters more than speed
     (tests): then the first config only, so it must fit every head size."""
     if os.environ.get("VIG_BIGLA_CONFIGS"):
-        fields = [[int(x) for x in item.split(":")] for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
-        return [triton.Config({}, num_warps=f[0], num_stages=f[1], maxnreg=f[2] if len(f) > 2 else None)
-                for f in fields]
-    configs = [triton.Config({}, num_warps=w, num_stages=st, maxnreg=cap)
-               for w in warps for st in stages for cap in register_caps]
+        configs = [_parse_config(item) for item in os.environ["VIG_BIGLA_CONFIGS"].split(",")]
+    else:
+        configs = [triton.Config({}, num_warps=w, num_stages=st, maxnreg=cap)
+                   for w in warps for st in stages for cap in register_caps]
     if INTERPRET or os.environ.get("VIG_BIGLA_AUTOTUNE", "1") == "0":
         return configs[:1]
     return configs
+
+
+def _parse_config(item: str) -> triton.Config:
+    """One VIG_BIGLA_CONFIGS entry, "warps:stages" or "warps:stages:maxnreg"."""
+    fields = item.split(":")
+    if len(fields) not in (2, 3) or not all(f.strip().isdigit() for f in fields):
+        raise ValueError(f"VIG_BIGLA_CONFIGS entry {item!r}: expected warps:stages or warps:stages:maxnreg "
+                         "(integers), e.g. VIG_BIGLA_CONFIGS=2:1:168,4:3")
+    warps, stages, *cap = (int(f) for f in fields)
+    return triton.Config({}, num_warps=warps, num_stages=stages, maxnreg=cap[0] if cap else None)
 
 
 @triton.jit
