@@ -68,27 +68,32 @@ def test_triton_matches_naive_recurrence(check: str, interpreted_results: dict[s
     assert not too_large, f"{check}: relative errors {too_large} exceed {tolerance} (all: {result['errors']})"
 
 
-def _chunk_path_taken(case: cases.Case) -> torch.Tensor:
-    """Per (batch, head, segment): whether the forward and backward kernels take their CHUNK-token path for
-    the case's gates (no chunk of the segment decays by more than CHUNK_DECAY_LIMIT in any key channel, either
-    gate) rather than the 16-token sweeps."""
-    from kernels.bigla.chunk import CHUNK, CHUNK_DECAY_LIMIT, SEGMENT
+def _chunk_path_taken(case: cases.Case, chunk: int) -> torch.Tensor:
+    """Per (batch, head, segment): whether a pass in `chunk`-token steps takes its chunk path for the case's
+    gates (no chunk of the segment decays by more than CHUNK_DECAY_LIMIT in any key channel, either gate)
+    rather than the 16-token sweeps."""
+    from kernels.bigla.chunk import CHUNK_DECAY_LIMIT, SEGMENT
 
     _, _, _, g_fwd, g_bwd = cases.make_inputs(case, "cpu")[0]
     gates = torch.stack([g_fwd.detach().float(), g_bwd.detach().float()])  # [2, B, T, H, K]
     padded = torch.nn.functional.pad(gates, (0, 0, 0, 0, 0, -case.T % SEGMENT))
-    chunk_decay = padded.unflatten(2, (-1, SEGMENT // CHUNK, CHUNK)).sum(4)  # [2, B, segments, chunks, H, K]
+    chunk_decay = padded.unflatten(2, (-1, SEGMENT // chunk, chunk)).sum(4)  # [2, B, segments, chunks, H, K]
     return chunk_decay.amin(dim=(0, 3, 5)) >= -CHUNK_DECAY_LIMIT
 
 
 def test_cases_cover_both_kernel_paths() -> None:
-    """Mild gates run the chunk path in every program, steep and mixed ones the 16-token sweeps somewhere."""
-    for name, case in cases.CASES.items():
-        taken = _chunk_path_taken(case)
-        if case.gates in ("vig", "flat"):
-            assert taken.all(), f"{name}: some programs fall back to the 16-token sweeps"
-        else:
-            assert not taken.all(), f"{name}: every program takes the chunk path; the sweeps go untested"
+    """Mild gates run the chunk path in every program of both passes, steep and mixed ones the 16-token
+    sweeps somewhere in each pass (the forward and the backward step over chunks of different lengths)."""
+    from kernels.bigla.chunk import BWD_CHUNK, FWD_CHUNK
+
+    for chunk, pass_name in ((FWD_CHUNK, "forward"), (BWD_CHUNK, "backward")):
+        for name, case in cases.CASES.items():
+            taken = _chunk_path_taken(case, chunk)
+            if case.gates in ("vig", "flat"):
+                assert taken.all(), f"{name}: some {pass_name} programs fall back to the 16-token sweeps"
+            else:
+                assert not taken.all(), (f"{name}: every {pass_name} program takes the chunk path; "
+                                         "its sweeps go untested")
 
 
 def _inputs(device: str, dtype: torch.dtype = torch.float32, T: int = 37) -> list[torch.Tensor]:

@@ -3,11 +3,11 @@
 Layout is token-major, [B, T, H, K] for q, k and the log gates, [B, T, H, V] for v, o.
 
 One program handles a segment of up to SEGMENT tokens of one (batch, head). The forward first walks the
-segment right to left in CHUNK-token steps, storing the backward state R (the keys right of each chunk)
+segment right to left in FWD_CHUNK-token steps, storing the backward state R (the keys right of each chunk)
 that enters each chunk, and finds the chunk whose gates decay most. Under mild gates (no chunk decays by
 more than CHUNK_DECAY_LIMIT in any key channel; ViG's gates decay by about 2 per chunk) it then walks
 left to right, carrying the forward state S, and each chunk's output is a few matrix products: q
-against S and R, and the chunk's own pairs as two [CHUNK, CHUNK] score matrices with decays taken against
+against S and R, and the chunk's own pairs as two [FWD_CHUNK, FWD_CHUNK] score matrices with decays taken against
 the chunk's start. Under steeper gates it instead sweeps the segment twice in steps of BC = 16 tokens (right
 to left carrying R, left to right carrying S), each sub-chunk meeting the state by matrix products and the
 pairs inside it through a diagonal block, with decays that are sums of the gates of just the tokens in
@@ -24,8 +24,8 @@ overflows however steep the gates. Matrix products run on tf32 tensor cores (tf3
   keep the GPU busy, many keep whole states (fewer redundant loads).
 
 The backward pass recomputes those states (nothing but the inputs is saved). Its pre-pass walks right to
-left storing R and dS (the gradient of the forward state) entering each chunk; under mild gates two
-left-to-right passes of chunk-sized matrix products follow, one per direction, the first keeping its part
+left storing R and dS (the gradient of the forward state) entering each BWD_CHUNK-token chunk; under mild
+gates two left-to-right passes of chunk-sized matrix products follow, one per direction, the first keeping its part
 of dq, dk, dv in fp32 scratch for the second; under steep gates two 16-token sweeps. The gate gradients
 come out as prefix sums of q*dq - k*dk per direction from left to right; the part from tokens left of a
 segment equals sum_v(state * gradient state) at its left edge.
@@ -48,9 +48,12 @@ from kernels.triton_utils import INTERPRET, output_buffer
 SEGMENT = 256  # tokens per program; T <= SEGMENT (ViG at 224^2: T = 196) needs no state-scan launch
 SUB_CHUNK = 16  # BC: tokens per step of the sweeps (the smallest tile tl.dot accepts)
 SCAN_CHUNK = 64  # BT: tokens per step when a segment's own contribution to the states is computed
-CHUNK = 32  # BT: tokens per step of the forward under mild gates; 64 ran slower on an H200 (NOTES.md)
-# The forward takes CHUNK-token steps (matrix products against each chunk's start) when no chunk of the
-# segment decays by more than this in any key channel, else BC-token steps: exp(-Fl) <= exp(40) keeps the
+# BT: tokens per step under mild gates. The forward runs fastest at 32 (64 ran slower on an H200), the
+# backward at 16: 0.422 against 0.467 ms for its chunk kernel at B256 T196 H3 bf16 on an H200 (NOTES.md v7).
+FWD_CHUNK = 32
+BWD_CHUNK = 16
+# Both passes take BT-token steps (matrix products against each chunk's start) when no chunk of the segment
+# decays by more than this in any key channel, else BC-token steps: exp(-Fl) <= exp(40) keeps the
 # products far from fp32 overflow. ViG's gates (logsigmoid(z) / 16) decay by about 0.05 per token; fp32
 # outputs at mean decays of 20-40 per chunk matched the recurrence to 2.4e-7 (interpreter, fast path forced).
 CHUNK_DECAY_LIMIT = 40.0
@@ -914,14 +917,14 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     o = output_buffer((B, T, H, V), q.dtype, q.device)
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    chunk_states = torch.empty(B * H * NS, SEGMENT // CHUNK, K, V, dtype=torch.float32, device=q.device)
+    chunk_states = torch.empty(B * H * NS, SEGMENT // FWD_CHUNK, K, V, dtype=torch.float32, device=q.device)
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
     args = (q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
-    constants = dict(BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
+    constants = dict(BC=SUB_CHUNK, BT=FWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_fwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
     bigla_fwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
@@ -941,7 +944,7 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(4))
     dq_bwd, dk_fwd = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    r_states, ds_states = (torch.empty(B * H * NS, SEGMENT // CHUNK, K, V, dtype=torch.float32, device=q.device)
+    r_states, ds_states = (torch.empty(B * H * NS, SEGMENT // BWD_CHUNK, K, V, dtype=torch.float32, device=q.device)
                            for _ in range(2))
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
@@ -950,7 +953,7 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         hf = hb = dhf = dhb = dv_fwd  # not read
     args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states, steep_flags,
             hf, hb, dhf, dhb, *strides, 0.5 * scale, T, NS, H, B * T * H * K)
-    constants = dict(BC=SUB_CHUNK, BT=CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
+    constants = dict(BC=SUB_CHUNK, BT=BWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_bwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
     bigla_bwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
