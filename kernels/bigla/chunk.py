@@ -502,49 +502,71 @@ def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
 
 
 @triton.jit
-def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states, hb_states,
-                          dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb,
-                          bdo, bdk, scale, T, c0, n_sub, HK, HV, o_k, m_k, o_v, m_v, BC: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """The backward under any gates, BC tokens per step. Right to left, carrying R (backward state) and dS
-    (gradient of the forward state): the backward direction's dq and the forward direction's dk, dv go to
-    fp32 scratch. Left to right, carrying S and dR: the rest, the diagonal sub-chunks, and the gate
-    gradients."""
+def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs, m_s, q_st, k_st,
+                       v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0, n_steps, HK, HV, o_k, m_k, o_v, m_v,
+                       NROWS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Right to left over the segment in NROWS-token steps, carrying R (backward state) and dS (gradient of the
+    forward state): the parts of the gradients that need them go to fp32 scratch, the backward direction's dq
+    (keys right of each token) and the forward direction's dk and dv (queries right of each token). Every
+    decay is a sum over the tokens in between (<= 0), so this is exact under any gates. Returns R and dS
+    including the whole segment and the least total log decay of a step (both gates, every key channel)."""
     if STATES_IN_MEMORY:
         R = tl.load(hb_states + offs, mask=m_s, other=0.0)
         dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
     else:
         R = tl.zeros([BK, BV], tl.float32)
         dS = tl.zeros([BK, BV], tl.float32)
-    for j in range(0, n_sub):  # right to left
-        r0 = c0 + (n_sub - 1 - j) * BC
+    steepest = tl.zeros([BK], tl.float32)
+    for j in range(0, n_steps):
+        r0 = c0 + (n_steps - 1 - j) * NROWS
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BC)
-        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BC)
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, NROWS)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, NROWS)
         Fl = tl.cumsum(gf_i, 0)
-        Bl = tl.cumsum(gb_i, 0, reverse=True)
         tot_f = tl.sum(gf_i, 0)
         tot_b = tl.sum(gb_i, 0)
+        steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
         e_kf = tl.exp(tot_f[None, :] - Fl)  # sum_{t < r <= i1} g_fwd
         e_kb = tl.exp(tl.cumsum(gb_i, 0) - gb_i)  # sum_{i0 <= r < t} g_bwd
-        # dq of the backward direction (keys right of i), dk and dv of the forward one (queries right of i)
-        _store_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, _mm(do_i, tl.trans(R), PRECISION) * tl.exp(Bl), BC)
-        _store_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, _mm(v_i, tl.trans(dS), PRECISION) * e_kf, BC)
-        _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), BC)
+        e_qb = tl.exp(tl.cumsum(gb_i, 0, reverse=True))  # sum_{t <= r <= i1} g_bwd
+        _store_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, _mm(do_i, tl.trans(R), PRECISION) * e_qb, NROWS)
+        _store_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, _mm(v_i, tl.trans(dS), PRECISION) * e_kf, NROWS)
+        _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), NROWS)
         R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * e_kb), v_i, PRECISION)
         dS = dS * tl.exp(tot_f)[:, None] + _mm(tl.trans(q_i * tl.exp(Fl)), do_i, PRECISION)
+    return R, dS, tl.min(steepest, 0)
 
-    tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
+
+@triton.jit
+def _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK: tl.constexpr, BV: tl.constexpr,
+                   STATES_IN_MEMORY: tl.constexpr):
+    """S and dR entering the segment from its left, and the gate-gradient sums of the pairs straddling its
+    left edge, sum_v(S * dS) and sum_v(dR * R) (R and dS including the segment): where the left-to-right
+    running sums of the gate gradients start."""
     if STATES_IN_MEMORY:
         S = tl.load(hf_states + offs, mask=m_s, other=0.0)
         dR = tl.load(dhb_states + offs, mask=m_s, other=0.0)
     else:
         S = tl.zeros([BK, BV], tl.float32)
         dR = tl.zeros([BK, BV], tl.float32)
-    # Gate-gradient pairs straddling the segment's left edge; R and dS now include the whole segment.
-    run_f = tl.sum(S * dS, 1)  # dg_fwd at the current token = -sum over earlier tokens of (q dq_f - k dk_f)
-    run_b = tl.sum(dR * R, 1)  # dg_bwd before the current token
+    return S, dR, tl.sum(S * dS, 1), tl.sum(dR * R, 1)
+
+
+@triton.jit
+def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states, hb_states,
+                          dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb,
+                          bdo, bdk, scale, T, c0, n_sub, HK, HV, o_k, m_k, o_v, m_v, BC: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """The backward under any gates, BC tokens per step: the right-to-left pass (_bwd_right_to_left, redone
+    here for its final R and dS), then left to right, carrying S and dR: the rest, the diagonal sub-chunks,
+    and the gate gradients."""
+    R, dS, _ = _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs, m_s,
+                                  q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0, n_sub, HK,
+                                  HV, o_k, m_k, o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, PRECISION)
+    tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
+    S, dR, run_f, run_b = _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK, BV, STATES_IN_MEMORY)
     for i in range(0, n_sub):  # left to right
         r0 = c0 + i * BC
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
@@ -582,119 +604,65 @@ def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_
 
 
 @triton.jit
-def _chunk_bwd_states(q, k, v, gf, gb, do, r_states, ds_states, hf_states, hb_states, dhf_states, dhb_states, offs,
-                      m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, state_row, T, c0, n_chunks,
-                      HV, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    """Right to left over the segment's BT-token chunks: stores R (backward state) and dS (gradient of the
-    forward state) entering each chunk from its right (fp32 scratch, rows state_row...). Returns the least
-    total log decay of a chunk (both gates, every key channel) and the gate-gradient sums of the pairs that
-    straddle the segment's left edge: sum_v(S * dS) and sum_v(dR * R) there, R and dS including the segment."""
-    if STATES_IN_MEMORY:
-        R = tl.load(hb_states + offs, mask=m_s, other=0.0)
-        dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
-    else:
-        R = tl.zeros([BK, BV], tl.float32)
-        dS = tl.zeros([BK, BV], tl.float32)
-    steepest = tl.zeros([BK], tl.float32)
-    for j in range(0, n_chunks):
-        c = n_chunks - 1 - j
+def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, S, dR, run_f, run_b, q_st, k_st,
+                v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v,
+                BT: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward under mild gates after _bwd_right_to_left: left to right in BT-token chunks, both
+    directions at once, carrying S (forward state) and dR (gradient of the backward state) from the left
+    edge (_bwd_left_edge).
+
+    As in _fwd_chunks, decays inside a chunk are taken against its start (Lf: inclusive prefix sums of
+    g_fwd, Lb: inclusive suffix sums of g_bwd), so the chunk's pairs are [BT, BT] matrix products, query t
+    with key s <= t forward and s >= t backward (the diagonal in both). The scratch adds what the keys and
+    queries right of the chunk contribute; the gate gradients are running sums of q*dq - k*dk per direction
+    (dg_fwd[r] = run - sum_{t<r}, since those terms sum to zero over the sequence; dg_bwd[r] = run +
+    sum_{t<=r}).
+    """
+    o_r = tl.arange(0, BT)
+    lower = o_r[:, None] >= o_r[None, :]
+    upper = o_r[:, None] <= o_r[None, :]
+    for c in range(0, n_chunks):
         r0 = c0 + c * BT
-        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
-        tl.store(r_states + chunk_offs, R, mask=m_c)
-        tl.store(ds_states + chunk_offs, dS, mask=m_c)
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
+        Lf = tl.cumsum(gf_i, 0)
+        Lb = tl.cumsum(gb_i, 0, reverse=True)
         tot_f = tl.sum(gf_i, 0)
         tot_b = tl.sum(gb_i, 0)
-        steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
-        # R gains the chunk's keys decayed to its first token (sum_{i0 <= r < t} g_bwd), dS its queries
-        # decayed to its first token (sum_{i0 <= r <= t} g_fwd).
-        R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
-        dS = dS * tl.exp(tot_f)[:, None] + _mm(tl.trans(q_i * tl.exp(tl.cumsum(gf_i, 0))), do_i, PRECISION)
-    if STATES_IN_MEMORY:
-        run_f = tl.sum(tl.load(hf_states + offs, mask=m_s, other=0.0) * dS, 1)
-        run_b = tl.sum(tl.load(dhb_states + offs, mask=m_s, other=0.0) * R, 1)
-    else:
-        run_f = tl.zeros([BK], tl.float32)
-        run_b = tl.zeros([BK], tl.float32)
-    return tl.min(steepest, 0), run_f, run_b
-
-
-@triton.jit
-def _bwd_chunks_one_direction(q, k, v, g, do, dq, dk, dv, dg, dq_part, dk_part, dv_part, r_states, ds_states,
-                              hf_states, dhb_states, offs, m_s, run, q_st, k_st, v_st, g_st, bq, bk, bv, bg, bdo, bdk,
-                              state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K: tl.constexpr,
-                              V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, FORWARD: tl.constexpr,
-                              PRECISION: tl.constexpr):
-    """One direction's part of the backward under mild gates, BT tokens per step, left to right.
-
-    The forward direction carries S (its keys' state) and reads dS per chunk; it writes dg_fwd, and its
-    parts of dq, dk, dv go to fp32 scratch. The backward direction carries dR (its queries' state), reads R
-    per chunk, adds the scratch and writes dq, dk, dv and dg_bwd. As in _fwd_chunks, decays inside a chunk
-    are taken against its start (L: the direction's inclusive prefix sum of the gates from the chunk's
-    start, suffix sum for the backward direction), so the chunk's pairs are [BT, BT] matrix products. In
-    both directions a key meets the queries beyond the chunk through exp(tot - L), and the chunk's queries
-    meet the keys beyond it through exp(L). The gate gradient is a running sum of q*dq - k*dk, started
-    from run (the pairs straddling the segment's left edge).
-    """
-    if STATES_IN_MEMORY:
-        carried = tl.load((hf_states if FORWARD else dhb_states) + offs, mask=m_s, other=0.0)
-    else:
-        carried = tl.zeros([BK, BV], tl.float32)
-    o_r = tl.arange(0, BT)
-    if FORWARD:
-        pairs = o_r[:, None] >= o_r[None, :]  # (t, s): query t, key s; the diagonal is in both directions
-    else:
-        pairs = o_r[:, None] <= o_r[None, :]
-    for c in range(0, n_chunks):
-        r0 = c0 + c * BT
-        q_i, k_i, v_i, g_i = _step_tiles_raw(q, k, v, g, bq, bk, bv, bg, q_st, k_st, v_st, g_st, r0, T, o_k, m_k,
-                                             o_v, m_v, BT)
-        q_i, k_i, v_i, g_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), g_i.to(tl.float32)
-        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
-        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
-        if FORWARD:
-            key_state = carried
-            query_state = tl.load(ds_states + chunk_offs, mask=m_c, other=0.0)
-            L = tl.cumsum(g_i, 0)
-        else:
-            key_state = tl.load(r_states + chunk_offs, mask=m_c, other=0.0)
-            query_state = carried
-            L = tl.cumsum(g_i, 0, reverse=True)
-        tot = tl.sum(g_i, 0)
-        e_q = tl.exp(L)
-        from_start = tl.exp(-L)
-        q_dec = q_i * e_q
-        k_dec = k_i * from_start
-        k_out = k_dec * tl.exp(tot)[None, :]  # keys decayed to the chunk's far edge, where the state leaves
-        dA = tl.where(pairs, _mm(do_i, tl.trans(v_i), PRECISION), 0.0)  # dA[t, s] = do_t . v_s
-        scores = tl.where(pairs, _mm(q_dec, tl.trans(k_dec), PRECISION), 0.0)
-        b_dq = (_mm(dA, k_dec, PRECISION) + _mm(do_i, tl.trans(key_state), PRECISION)) * e_q
-        b_dk = (_mm(tl.trans(dA), q_dec, PRECISION)
-                + _mm(v_i, tl.trans(query_state), PRECISION) * tl.exp(tot)[None, :]) * from_start
-        b_dv = _mm(tl.trans(scores), do_i, PRECISION) + _mm(k_out, query_state, PRECISION)
-        dF = q_i * b_dq - k_i * b_dk
-        if FORWARD:
-            b_dg = run[None, :] - (tl.cumsum(dF, 0) - dF)
-            run -= tl.sum(dF, 0)
-            _store_rows(dq_part, bdk, r0, T, HK, o_k, m_k, b_dq, BT)
-            _store_rows(dk_part, bdk, r0, T, HK, o_k, m_k, b_dk, BT)
-            _store_rows(dv_part, bdo, r0, T, HV, o_v, m_v, b_dv, BT)
-            carried = carried * tl.exp(tot)[:, None] + _mm(tl.trans(k_out), v_i, PRECISION)
-        else:
-            b_dg = run[None, :] + tl.cumsum(dF, 0)
-            run += tl.sum(dF, 0)
-            b_dq += _load_rows(dq_part, bdk, r0, T, HK, o_k, m_k, BT)
-            b_dk += _load_rows(dk_part, bdk, r0, T, HK, o_k, m_k, BT)
-            b_dv += _load_rows(dv_part, bdo, r0, T, HV, o_v, m_v, BT)
-            _store_rows(dq, bdk, r0, T, HK, o_k, m_k, b_dq * scale, BT)
-            _store_rows(dk, bdk, r0, T, HK, o_k, m_k, b_dk * scale, BT)
-            _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BT)
-            carried = carried * tl.exp(tot)[:, None] + _mm(tl.trans(q_dec), do_i, PRECISION)
-        _store_rows(dg, bdk, r0, T, HK, o_k, m_k, b_dg * scale, BT)
+        e_qf = tl.exp(Lf)
+        e_qb = tl.exp(Lb)
+        e_kf = tl.exp(-Lf)
+        e_kb = tl.exp(-Lb)
+        qf = q_i * e_qf
+        kf = k_i * e_kf
+        qb = q_i * e_qb
+        kb = k_i * e_kb
+        kb_out = kb * tl.exp(tot_b)[None, :]  # keys decayed to the chunk's left edge, where dR enters
+        dA = _mm(do_i, tl.trans(v_i), PRECISION)  # dA[t, s] = do_t . v_s
+        dAf = tl.where(lower, dA, 0.0)
+        dAb = tl.where(upper, dA, 0.0)
+        scores = tl.where(lower, _mm(qf, tl.trans(kf), PRECISION), 0.0)
+        scores += tl.where(upper, _mm(qb, tl.trans(kb), PRECISION), 0.0)
+        dqf = (_mm(dAf, kf, PRECISION) + _mm(do_i, tl.trans(S), PRECISION)) * e_qf
+        dkf = _mm(tl.trans(dAf), qf, PRECISION) * e_kf + _load_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, BT)
+        dqb = _mm(dAb, kb, PRECISION) * e_qb + _load_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, BT)
+        dkb = (_mm(tl.trans(dAb), qb, PRECISION) + _mm(v_i, tl.trans(dR), PRECISION) * tl.exp(tot_b)[None, :]) * e_kb
+        b_dv = (_mm(tl.trans(scores), do_i, PRECISION) + _mm(kb_out, dR, PRECISION)
+                + _load_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, BT))
+        dFf = q_i * dqf - k_i * dkf
+        dFb = q_i * dqb - k_i * dkb
+        b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
+        b_dgb = run_b[None, :] + tl.cumsum(dFb, 0)
+        run_f -= tl.sum(dFf, 0)
+        run_b += tl.sum(dFb, 0)
+        _store_rows(dq, bdk, r0, T, HK, o_k, m_k, (dqf + dqb) * scale, BT)
+        _store_rows(dk, bdk, r0, T, HK, o_k, m_k, (dkf + dkb) * scale, BT)
+        _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BT)
+        _store_rows(dgf, bdk, r0, T, HK, o_k, m_k, b_dgf * scale, BT)
+        _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, BT)
+        S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(kf * tl.exp(tot_f)[None, :]), v_i, PRECISION)
+        dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(qb), do_i, PRECISION)
 
 
 # Pipelining the backward chunk kernel's loads over 3 stages ran it 1.15x faster on an H100 (0.471 against
@@ -703,8 +671,8 @@ def _bwd_chunks_one_direction(q, k, v, g, do, dq, dk, dv, dg, dq_part, dk_part, 
 @triton.autotune(configs=_autotune_configs(stages=(1, 3)), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
-                            steep_flags, hf_states, hb_states, dhf_states, dhb_states,
+def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
+                            hf_states, hb_states, dhf_states, dhb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H, split_stride,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -713,44 +681,38 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     """dq, dk, dv, dg_fwd, dg_bwd for one segment of one (batch, head) and one block of value columns,
     under mild gates.
 
-    First R and dS entering each BT-token chunk (right to left), which also finds the steepest chunk. If no
-    chunk decays by more than CHUNK_LIMIT in any key channel, two left-to-right passes of [BT, BT] matrix
-    products, one per direction (_bwd_chunks_one_direction); else the program only raises its steep flag
-    and bigla_bwd_sweeps_kernel does its segment. The gate gradients come out as prefix sums (dg_fwd[r] =
-    -sum_{t<r} (q dq_f - k dk_f)_t since those terms sum to zero over the sequence; dg_bwd[r] = sum_{t<=r}
-    (q dq_b - k dk_b)_t), started from sum_v(state * gradient state) at the segment's left edge. do, the
-    gradients and the scratch are contiguous; with several value blocks dq, dk and the gate gradients are
-    partial sums, written split_stride apart and summed by the caller.
+    First the right-to-left pass in BT-token steps (_bwd_right_to_left: the parts of the gradients that
+    need R and dS, to scratch), which also finds the steepest chunk. If no chunk decays by more than
+    CHUNK_LIMIT in any key channel, one left-to-right pass of [BT, BT] matrix products for both directions
+    (_bwd_chunks) finishes the gradients; else the program only raises its steep flag and
+    bigla_bwd_sweeps_kernel does its segment. do, the gradients and the scratch are contiguous; with several
+    value blocks dq, dk and the gate gradients are partial sums, written split_stride apart and summed by the
+    caller.
     """
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     n_chunks = tl.cdiv(seg_len, BT)
     HK = H * K
     HV = H * V
-    steepest, run_f, run_b = _chunk_bwd_states(
-        q, k, v, gf, gb, do, r_states, ds_states, hf_states, hb_states, dhf_states, dhb_states, offs, m_s, q_st,
-        k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, state_row, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, K,
-        V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+    R, dS, steepest = _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs,
+                                         m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0,
+                                         n_chunks, HK, HV, o_k, m_k, o_v, m_v, BT, BK, BV, STATES_IN_MEMORY,
+                                         PRECISION)
     steep = steepest < -CHUNK_LIMIT
     tl.store(steep_flags + flag, steep.to(tl.int32))
     if not steep:
-        tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
-        _bwd_chunks_one_direction(q, k, v, gf, do, dq, dk, dv, dgf, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
-                                  hf_states, dhb_states, offs, m_s, run_f, q_st, k_st, v_st, gf_st, bq, bk, bv, bgf,
-                                  bdo, bdk, state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K, V, SEG,
-                                  BT, BK, BV, STATES_IN_MEMORY, True, PRECISION)
         tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
-        _bwd_chunks_one_direction(q, k, v, gb, do, dq, dk, dv, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
-                                  hf_states, dhb_states, offs, m_s, run_b, q_st, k_st, v_st, gb_st, bq, bk, bv, bgb,
-                                  bdo, bdk, state_row, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v, K, V, SEG,
-                                  BT, BK, BV, STATES_IN_MEMORY, False, PRECISION)
+        S, dR, run_f, run_b = _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK, BV, STATES_IN_MEMORY)
+        _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, S, dR, run_f, run_b, q_st,
+                    k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, scale, T, c0, n_chunks, HK, HV, o_k,
+                    m_k, o_v, m_v, BT, PRECISION)
 
 
 @triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states,
-                            steep_flags, hf_states, hb_states, dhf_states, dhb_states,
+def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
+                            hf_states, hb_states, dhf_states, dhb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H, split_stride,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -759,7 +721,7 @@ def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, in BC-token sweeps
     that stay exact under any gates (_bwd_sub_chunk_sweeps); the other programs return at once. Same
     arguments as bigla_bwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
         _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states,
@@ -944,15 +906,13 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(4))
     dq_bwd, dk_fwd = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    r_states, ds_states = (torch.empty(B * H * NS, SEGMENT // BWD_CHUNK, K, V, dtype=torch.float32, device=q.device)
-                           for _ in range(2))
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds=4)
     else:
         hf = hb = dhf = dhb = dv_fwd  # not read
-    args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, r_states, ds_states, steep_flags,
-            hf, hb, dhf, dhb, *strides, 0.5 * scale, T, NS, H, B * T * H * K)
+    args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags, hf, hb, dhf, dhb,
+            *strides, 0.5 * scale, T, NS, H, B * T * H * K)
     constants = dict(BC=SUB_CHUNK, BT=BWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_bwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
