@@ -58,6 +58,7 @@ BWD_CHUNK = 16
 # outputs at mean decays of 20-40 per chunk matched the recurrence to 2.4e-7 (interpreter, fast path forced).
 CHUNK_DECAY_LIMIT = 40.0
 FWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) tried first for the forward's chunk kernel, see there
+BWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) the backward's chunk kernel is also tried at, see there
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -134,32 +135,6 @@ def _store_rows(ptr, base, row0, T, stride, cols, col_mask, value, NROWS: tl.con
     rows = row0 + tl.arange(0, NROWS)
     mask = (rows < T)[:, None] & col_mask[None, :]
     tl.store(ptr + base + rows[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scan_step(h, x_ptr, x_base, x_stride, g_ptr, g_base, g_stride, y_ptr, y_base, y_stride, chunk, T,
-               o_k, m_k, o_v, m_v, BT: tl.constexpr, REVERSE: tl.constexpr, INCLUSIVE: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Carry a [K, V] state across one chunk: h <- diag(exp(sum of the chunk's gates)) h + (x * decay)^T y;
-    returns the new h and that sum of gates.
-
-    Left to right (REVERSE False) the decay of token t runs to the chunk's last token, right to left to its
-    first; INCLUSIVE says whether token t's own gate is part of it. The four states of BiGLA are:
-    forward state (k, v, g_fwd, left to right, exclusive), backward state (k, v, g_bwd, right to left,
-    exclusive), gradient of the forward state (q, do, g_fwd, right to left, inclusive) and gradient of the
-    backward state (q, do, g_bwd, left to right, inclusive).
-    """
-    x = _load_rows(x_ptr, x_base, chunk * BT, T, x_stride, o_k, m_k, BT)
-    g = _load_rows(g_ptr, g_base, chunk * BT, T, g_stride, o_k, m_k, BT)
-    y = _load_rows(y_ptr, y_base, chunk * BT, T, y_stride, o_v, m_v, BT)
-    if REVERSE:
-        e = tl.cumsum(g, 0)
-    else:
-        e = tl.cumsum(g, 0, reverse=True)
-    if not INCLUSIVE:
-        e = e - g
-    g_sum = tl.sum(g, 0)
-    return h * tl.exp(g_sum)[:, None] + _mm(tl.trans(x * tl.exp(e)), y, PRECISION), g_sum
 
 
 @triton.jit
@@ -449,7 +424,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
 # at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6).
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
-                 key=["T", "K", "V", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
@@ -481,7 +456,7 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
                     SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
@@ -667,9 +642,10 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
 
 # Pipelining the backward chunk kernel's loads over 3 stages ran it 1.15x faster on an H100 (0.471 against
 # 0.545 ms at B256 T196 H3 bf16, NOTES.md v6); the first config (1 stage) is the one that fits fp32 heads of
-# 128 channels in shared memory (3 stages would need 295 KB).
-@triton.autotune(configs=_autotune_configs(stages=(1, 3)), key=["T", "K", "V", "STATES_IN_MEMORY"],
-                 **AUTOTUNE_CACHE)
+# 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4 (NOTES.md v8);
+# a cap of BWD_CHUNK_REGISTERS lets three programs of 4 warps share a multiprocessor instead of two.
+@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,), register_caps=(None, BWD_CHUNK_REGISTERS)),
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
                             hf_states, hb_states, dhf_states, dhb_states,
@@ -708,7 +684,7 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
                     m_k, o_v, m_v, BT, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
@@ -730,20 +706,31 @@ def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
                               o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2,)), key=["T", "K", "V", "BK", "BV"], **AUTOTUNE_CACHE)
+@triton.jit
+def _decayed_outer(x, e, y, PRECISION: tl.constexpr):
+    """(x * exp(e))^T y: a step's [NROWS, K] rows x, each decayed by its log decay e, against its rows y."""
+    return _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
+
+
+@triton.autotune(configs=_autotune_configs(stages=(2,)), key=["T", "K", "V", "BK", "BV", "BT", "KINDS"],
+                 **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
                                 q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
                                 K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
-                                BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """One segment's own contribution to one [BK, BV] tile of a state: its tokens scanned from a zero state
-    (BT-token steps), into local[kind, batch*head, segment]; with the first value block, the sum of the
-    segment's gates per key channel into log_decay. Axis 0 picks the tile and the segment, axis 2 the kind:
-    0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k, v, g_bwd, right to left,
-    exclusive), 2 gradient of the forward state (q, do, g_fwd, right to left, inclusive), 3 gradient of
-    the backward state (q, do, g_bwd, left to right, inclusive). Every segment runs in parallel; do is
-    contiguous."""
-    i_tn, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                                BK: tl.constexpr, BV: tl.constexpr, KINDS: tl.constexpr, PRECISION: tl.constexpr):
+    """One segment's own contribution to one [BK, BV] tile of each of KINDS states (its tokens from a zero
+    state) into local[kind, batch*head, segment], and the sum of the segment's gates per key channel into
+    log_decay (with the first value block). Axis 0 picks the tile and the segment, axis 1 the batch*head.
+    Kinds: 0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k, v, g_bwd, right to
+    left, exclusive); with KINDS = 4 also 2 gradient of the forward state (q, do, g_fwd, right to left,
+    inclusive), 3 gradient of the backward state (q, do, g_bwd, left to right, inclusive).
+
+    The segment's tiles are read once for all kinds, walking left to right in BT-token steps: the
+    left-to-right kinds are carried (decayed across each step, then the step's terms added), the
+    right-to-left kinds are sums whose terms decay by the gates between the segment's start and the token;
+    every exponent is <= 0. Every segment runs in parallel; do is contiguous."""
+    i_tn, i_bh = tl.program_id(0), tl.program_id(1)
     NKB: tl.constexpr = (K + BK - 1) // BK
     NTILES: tl.constexpr = NKB * ((V + BV - 1) // BV)
     i_kv, i_n = i_tn % NTILES, i_tn // NTILES
@@ -751,28 +738,48 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
     o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
         i_k, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
     bdo = row0 * V
-    CPS: tl.constexpr = SEG // BT  # scan steps per segment
-    h = tl.zeros([BK, BV], tl.float32)
-    total = tl.zeros([BK], tl.float32)
-    for c in range(0, CPS):
-        if i_d == 0:
-            h, g_sum = _scan_step(h, k, bk, k_st, gf, bgf, gf_st, v, bv, v_st, i_n * CPS + c, T, o_k, m_k, o_v,
-                                  m_v, BT, False, False, PRECISION)
-        elif i_d == 1:
-            h, g_sum = _scan_step(h, k, bk, k_st, gb, bgb, gb_st, v, bv, v_st, i_n * CPS + CPS - 1 - c, T, o_k,
-                                  m_k, o_v, m_v, BT, True, False, PRECISION)
-        elif i_d == 2:
-            h, g_sum = _scan_step(h, q, bq, q_st, gf, bgf, gf_st, do, bdo, H * V, i_n * CPS + CPS - 1 - c, T,
-                                  o_k, m_k, o_v, m_v, BT, True, True, PRECISION)
-        else:
-            h, g_sum = _scan_step(h, q, bq, q_st, gb, bgb, gb_st, do, bdo, H * V, i_n * CPS + c, T, o_k, m_k,
-                                  o_v, m_v, BT, False, True, PRECISION)
-        total += g_sum
-    i_dbh = i_d * tl.num_programs(1) + i_bh
-    offs, m_s = _state_offsets(i_dbh, i_n, NS, o_k, m_k, o_v, m_v, K, V)
-    tl.store(local + offs, h, mask=m_s)
+    h_fwd = tl.zeros([BK, BV], tl.float32)
+    h_bwd = tl.zeros([BK, BV], tl.float32)
+    dh_fwd = tl.zeros([BK, BV], tl.float32)
+    dh_bwd = tl.zeros([BK, BV], tl.float32)
+    before_f = tl.zeros([BK], tl.float32)  # sums of the segment's gates left of the step
+    before_b = tl.zeros([BK], tl.float32)
+    for c in range(0, SEG // BT):
+        r0 = i_n * SEG + c * BT
+        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
+        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
+        gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT)
+        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
+        prefix_f = tl.cumsum(gf_i, 0)  # inclusive, within the step
+        prefix_b = tl.cumsum(gb_i, 0)
+        tot_f = tl.sum(gf_i, 0)
+        tot_b = tl.sum(gb_i, 0)
+        h_fwd = h_fwd * tl.exp(tot_f)[:, None] + _decayed_outer(k_i, tot_f[None, :] - prefix_f, v_i, PRECISION)
+        h_bwd += _decayed_outer(k_i, before_b[None, :] + prefix_b - gb_i, v_i, PRECISION)
+        if KINDS == 4:
+            q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BT)
+            do_i = _load_rows(do, bdo, r0, T, H * V, o_v, m_v, BT)
+            dh_fwd += _decayed_outer(q_i, before_f[None, :] + prefix_f, do_i, PRECISION)
+            dh_bwd = dh_bwd * tl.exp(tot_b)[:, None] + _decayed_outer(q_i, tot_b[None, :] - prefix_b + gb_i, do_i,
+                                                                      PRECISION)
+        before_f += tot_f
+        before_b += tot_b
+    B_H = tl.num_programs(1)
+    offs, m_s = _state_offsets(i_bh, i_n, NS, o_k, m_k, o_v, m_v, K, V)
+    kind_stride = B_H.to(tl.int64) * NS * K * V
+    tl.store(local + offs, h_fwd, mask=m_s)
+    tl.store(local + kind_stride + offs, h_bwd, mask=m_s)
+    decay_offs = (i_bh.to(tl.int64) * NS + i_n) * K + o_k
+    decay_stride = B_H.to(tl.int64) * NS * K
     if i_v == 0:
-        tl.store(log_decay + (i_dbh.to(tl.int64) * NS + i_n) * K + o_k, total, mask=m_k)
+        tl.store(log_decay + decay_offs, before_f, mask=m_k)
+        tl.store(log_decay + decay_stride + decay_offs, before_b, mask=m_k)
+    if KINDS == 4:
+        tl.store(local + 2 * kind_stride + offs, dh_fwd, mask=m_s)
+        tl.store(local + 3 * kind_stride + offs, dh_bwd, mask=m_s)
+        if i_v == 0:
+            tl.store(log_decay + 2 * decay_stride + decay_offs, before_f, mask=m_k)
+            tl.store(log_decay + 3 * decay_stride + decay_offs, before_b, mask=m_k)
 
 
 @triton.jit
@@ -831,10 +838,10 @@ def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) ->
     B, K, V = q.shape[0], common["K"], common["V"]
     local = torch.empty(kinds, B * H, NS, K, V, dtype=torch.float32, device=q.device)
     log_decay = torch.empty(kinds, B * H, NS, K, dtype=torch.float32, device=q.device)
-    BK, BV = state_tile(B * H * kinds * NS, common["BK"], common["BV"], q.device)
+    BK, BV = state_tile(B * H * NS, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    bigla_segment_states_kernel[(tiles * NS, B * H, kinds)](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides,
-                                                            T, NS, H, BT=SCAN_CHUNK, **{**common, "BK": BK, "BV": BV})
+    bigla_segment_states_kernel[(tiles * NS, B * H)](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
+                                                     BT=SCAN_CHUNK, KINDS=kinds, **{**common, "BK": BK, "BV": BV})
     states = torch.empty_like(local)
     BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
@@ -847,10 +854,10 @@ SCANS_PER_SM = 4  # enough resident scans per multiprocessor to hide the latency
 
 
 def state_tile(scans: int, BK: int, BV: int, device: torch.device) -> tuple[int, int]:
-    """[BK, BV] tile of the states each program carries: whole states when `scans` (the independent state
-    computations: sequences x state kinds, x segments for the per-segment kernel) fill the GPU, else halved
-    (the larger side first) down to 16 x 16 until they do. Off a GPU (the interpreter) the smallest tile,
-    so the tests cover the split states."""
+    """[BK, BV] tile of the states each program carries: whole states when `scans` (the programs at whole
+    states: sequences x segments for the per-segment kernel, sequences x state kinds for the combine) fill
+    the GPU, else halved (the larger side first) down to 16 x 16 until they do. Off a GPU (the interpreter)
+    the smallest tile, so the tests cover the split states."""
     target = SCANS_PER_SM * _multiprocessors(device) if device.type == "cuda" else None
     programs = scans
     while BK > MIN_STATE_TILE or BV > MIN_STATE_TILE:
