@@ -23,14 +23,15 @@ overflows however steep the gates. Matrix products run on tf32 tensor cores (tf3
   on its own: few sequences (a 2048^2 image has B * H = 12 at batch 4) are split into small tiles to
   keep the GPU busy, many keep whole states (fewer redundant loads).
 
-The backward pass recomputes those states (nothing but the inputs is saved). Its pre-pass walks right to
-left storing R and dS (the gradient of the forward state) entering each BWD_CHUNK-token chunk; under mild
-gates two left-to-right passes of chunk-sized matrix products follow, one per direction, the first keeping its part
-of dq, dk, dv in fp32 scratch for the second; under steep gates two 16-token sweeps. The gate gradients
-come out as prefix sums of q*dq - k*dk per direction from left to right; the part from tokens left of a
-segment equals sum_v(state * gradient state) at its left edge.
+The backward pass recomputes those states (nothing but the inputs is saved). It first walks right to left
+in BWD_CHUNK-token steps carrying R and dS (the gradient of the forward state), writing to fp32 scratch
+the parts of the gradients that need them (the backward direction's dq, the forward direction's dk and dv);
+that is exact under any gates. Under mild gates one left-to-right pass of chunk-sized matrix products for
+both directions, carrying S and dR, finishes dq, dk, dv; under steep gates 16-token sweeps do. The gate
+gradients come out as prefix sums of q*dq - k*dk per direction from left to right; the part from tokens
+left of a segment equals sum_v(state * gradient state) at its left edge.
 
-Each pass is two kernels, the chunk path (with the pre-pass) and the sweeps, which take over the segments
+Each pass is two kernels, the chunk path (with its right-to-left pass) and the sweeps, which take over the segments
 whose steep flag the first raised: in one kernel the sweeps' register pressure made the chunk path spill.
 """
 from __future__ import annotations
