@@ -478,6 +478,25 @@ def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
 
 
 @triton.jit
+def _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i, dqf, dqb, dkf, dkb,
+                      b_dq, b_dk, b_dv, run_f, run_b, scale, NROWS: tl.constexpr):
+    """Writes a left-to-right step's gradients (b_dq, b_dk, b_dv: both directions) and its gate gradients,
+    running sums of q*dq - k*dk per direction (dqf, dkf forward, dqb, dkb backward): dg_fwd[r] = run_f -
+    sum_{t<r}, since those terms sum to zero over the sequence, and dg_bwd[r] = run_b + sum_{t<=r}.
+    Returns the running sums after the step."""
+    dFf = q_i * dqf - k_i * dkf
+    dFb = q_i * dqb - k_i * dkb
+    b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
+    b_dgb = run_b[None, :] + tl.cumsum(dFb, 0)
+    _store_rows(dq, bdk, r0, T, HK, o_k, m_k, b_dq * scale, NROWS)
+    _store_rows(dk, bdk, r0, T, HK, o_k, m_k, b_dk * scale, NROWS)
+    _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, NROWS)
+    _store_rows(dgf, bdk, r0, T, HK, o_k, m_k, b_dgf * scale, NROWS)
+    _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, NROWS)
+    return run_f - tl.sum(dFf, 0), run_b + tl.sum(dFb, 0)
+
+
+@triton.jit
 def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs, m_s, q_st, k_st,
                        v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0, n_steps, HK, HV, o_k, m_k, o_v, m_v,
                        NROWS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
@@ -562,17 +581,9 @@ def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_
         b_dv += _mm(tl.trans(D), do_i, PRECISION) + 2.0 * tl.sum(q_i * k_i, 1)[:, None] * do_i
         dd = 2.0 * tl.sum(do_i * v_i, 1)[:, None]  # the diagonal pairs t = s, both directions
 
-        dFf = q_i * dqf - k_i * dkf
-        dBb = q_i * dqb - k_i * dkb
-        b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
-        b_dgb = run_b[None, :] + tl.cumsum(dBb, 0)
-        run_f -= tl.sum(dFf, 0)
-        run_b += tl.sum(dBb, 0)
-        _store_rows(dq, bdk, r0, T, HK, o_k, m_k, (dqf + dqb + dd * k_i) * scale, BC)
-        _store_rows(dk, bdk, r0, T, HK, o_k, m_k, (dkf + dkb + dd * q_i) * scale, BC)
-        _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BC)
-        _store_rows(dgf, bdk, r0, T, HK, o_k, m_k, b_dgf * scale, BC)
-        _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, BC)
+        run_f, run_b = _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i,
+                                         dqf, dqb, dkf, dkb, dqf + dqb + dd * k_i, dkf + dkb + dd * q_i, b_dv, run_f,
+                                         run_b, scale, BC)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(k_i * tl.exp(tot_f[None, :] - Fl)), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
@@ -590,9 +601,7 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
     As in _fwd_chunks, decays inside a chunk are taken against its start (Lf: inclusive prefix sums of
     g_fwd, Lb: inclusive suffix sums of g_bwd), so the chunk's pairs are [BT, BT] matrix products, query t
     with key s <= t forward and s >= t backward (the diagonal in both). The scratch adds what the keys and
-    queries right of the chunk contribute; the gate gradients are running sums of q*dq - k*dk per direction
-    (dg_fwd[r] = run - sum_{t<r}, since those terms sum to zero over the sequence; dg_bwd[r] = run +
-    sum_{t<=r}).
+    queries right of the chunk contribute; _store_step_grads adds up the gate gradients.
     """
     o_r = tl.arange(0, BT)
     lower = o_r[:, None] >= o_r[None, :]
@@ -626,17 +635,8 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
         dkb = (_mm(tl.trans(dAb), qb, PRECISION) + _mm(v_i, tl.trans(dR), PRECISION) * tl.exp(tot_b)[None, :]) * e_kb
         b_dv = (_mm(tl.trans(scores), do_i, PRECISION) + _mm(kb_out, dR, PRECISION)
                 + _load_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, BT))
-        dFf = q_i * dqf - k_i * dkf
-        dFb = q_i * dqb - k_i * dkb
-        b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
-        b_dgb = run_b[None, :] + tl.cumsum(dFb, 0)
-        run_f -= tl.sum(dFf, 0)
-        run_b += tl.sum(dFb, 0)
-        _store_rows(dq, bdk, r0, T, HK, o_k, m_k, (dqf + dqb) * scale, BT)
-        _store_rows(dk, bdk, r0, T, HK, o_k, m_k, (dkf + dkb) * scale, BT)
-        _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, BT)
-        _store_rows(dgf, bdk, r0, T, HK, o_k, m_k, b_dgf * scale, BT)
-        _store_rows(dgb, bdk, r0, T, HK, o_k, m_k, b_dgb * scale, BT)
+        run_f, run_b = _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i,
+                                         dqf, dqb, dkf, dkb, dqf + dqb, dkf + dkb, b_dv, run_f, run_b, scale, BT)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(kf * tl.exp(tot_f)[None, :]), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(qb), do_i, PRECISION)
 
