@@ -59,7 +59,6 @@ BWD_CHUNK = 16
 # outputs at mean decays of 20-40 per chunk matched the recurrence to 2.4e-7 (interpreter, fast path forced).
 CHUNK_DECAY_LIMIT = 40.0
 FWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) tried first for the forward's chunk kernel, see there
-BWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) the backward's chunk kernel is also tried at, see there
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -643,10 +642,10 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
 
 # Pipelining the backward chunk kernel's loads over 3 stages ran it 1.15x faster on an H100 (0.471 against
 # 0.545 ms at B256 T196 H3 bf16, NOTES.md v6); the first config (1 stage) is the one that fits fp32 heads of
-# 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4 (NOTES.md v8);
-# a cap of BWD_CHUNK_REGISTERS lets three programs of 4 warps share a multiprocessor instead of two.
-@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,), register_caps=(None, BWD_CHUNK_REGISTERS)),
-                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
+# 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4, and a 168-register
+# cap (three programs per multiprocessor instead of two, 392 B of spills) 1.15x slower (NOTES.md v8).
+@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
+                 **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
                             hf_states, hb_states, dhf_states, dhb_states,
