@@ -503,8 +503,8 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
     """Right to left over the segment in NROWS-token steps, carrying R (backward state) and dS (gradient of the
     forward state): the parts of the gradients that need them go to fp32 scratch, the backward direction's dq
     (keys right of each token) and the forward direction's dk and dv (queries right of each token). Every
-    decay is a sum over the tokens in between (<= 0), so this is exact under any gates. Returns R and dS
-    including the whole segment and the least total log decay of a step (both gates, every key channel)."""
+    decay is a sum over the tokens in between (<= 0), so this is exact under any gates. Returns the least
+    total log decay of a step (both gates, every key channel)."""
     if STATES_IN_MEMORY:
         R = tl.load(hb_states + offs, mask=m_s, other=0.0)
         dS = tl.load(dhf_states + offs, mask=m_s, other=0.0)
@@ -529,38 +529,41 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
         _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), NROWS)
         R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * e_kb), v_i, PRECISION)
         dS = dS * tl.exp(tot_f)[:, None] + _mm(tl.trans(q_i * tl.exp(Fl)), do_i, PRECISION)
-    return R, dS, tl.min(steepest, 0)
+    return tl.min(steepest, 0)
 
 
 @triton.jit
-def _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK: tl.constexpr, BV: tl.constexpr,
-                   STATES_IN_MEMORY: tl.constexpr):
-    """S and dR entering the segment from its left, and the gate-gradient sums of the pairs straddling its
-    left edge, sum_v(S * dS) and sum_v(dR * R) (R and dS including the segment): where the left-to-right
-    running sums of the gate gradients start."""
+def _bwd_left_edge(hf_states, hb_states, dhf_states, dhb_states, i_bh, i_s, NS, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                   V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr):
+    """S and dR entering segment i_s from its left, and the gate-gradient sums of the pairs straddling its
+    left edge, sum_v(S * dS) and sum_v(dR * R) with R and dS including the segment: the states entering the
+    segment to its left from the right. There the left-to-right running sums of the gate gradients start;
+    the first segment has S = dR = 0."""
     if STATES_IN_MEMORY:
+        offs, m_s = _state_offsets(i_bh, i_s, NS, o_k, m_k, o_v, m_v, K, V)
+        left, m_l = _state_offsets(i_bh, tl.maximum(i_s - 1, 0), NS, o_k, m_k, o_v, m_v, K, V)
         S = tl.load(hf_states + offs, mask=m_s, other=0.0)
         dR = tl.load(dhb_states + offs, mask=m_s, other=0.0)
+        run_f = tl.sum(S * tl.load(dhf_states + left, mask=m_l, other=0.0), 1)
+        run_b = tl.sum(dR * tl.load(hb_states + left, mask=m_l, other=0.0), 1)
     else:
         S = tl.zeros([BK, BV], tl.float32)
         dR = tl.zeros([BK, BV], tl.float32)
-    return S, dR, tl.sum(S * dS, 1), tl.sum(dR * R, 1)
+        run_f = tl.zeros([BK], tl.float32)
+        run_b = tl.zeros([BK], tl.float32)
+    return S, dR, run_f, run_b
 
 
 @triton.jit
 def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states, hb_states,
-                          dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb,
-                          bdo, bdk, scale, T, c0, n_sub, HK, HV, o_k, m_k, o_v, m_v, BC: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, LIMIT: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """The backward under any gates, BC tokens per step: the right-to-left pass (_bwd_right_to_left, redone
-    here for its final R and dS), then left to right, carrying S and dR: the rest, the diagonal sub-chunks,
-    and the gate gradients."""
-    R, dS, _ = _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs, m_s,
-                                  q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0, n_sub, HK,
-                                  HV, o_k, m_k, o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, PRECISION)
-    tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
-    S, dR, run_f, run_b = _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK, BV, STATES_IN_MEMORY)
+                          dhf_states, dhb_states, i_bh, i_s, NS, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb,
+                          bdo, bdk, scale, T, c0, n_sub, HK, HV, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                          LIMIT: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward under any gates after _bwd_right_to_left, left to right in BC-token steps carrying S and
+    dR: the rest of the gradients, with the diagonal sub-chunks, and the gate gradients."""
+    S, dR, run_f, run_b = _bwd_left_edge(hf_states, hb_states, dhf_states, dhb_states, i_bh, i_s, NS, o_k, m_k, o_v,
+                                         m_v, K, V, BK, BV, STATES_IN_MEMORY)
     for i in range(0, n_sub):  # left to right
         r0 = c0 + i * BC
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
@@ -670,15 +673,15 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     n_chunks = tl.cdiv(seg_len, BT)
     HK = H * K
     HV = H * V
-    R, dS, steepest = _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs,
-                                         m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0,
-                                         n_chunks, HK, HV, o_k, m_k, o_v, m_v, BT, BK, BV, STATES_IN_MEMORY,
-                                         PRECISION)
+    steepest = _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, dhf_states, offs, m_s,
+                                  q_st, k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, T, c0, n_chunks, HK,
+                                  HV, o_k, m_k, o_v, m_v, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
     steep = steepest < -CHUNK_LIMIT
     tl.store(steep_flags + flag, steep.to(tl.int32))
     if not steep:
         tl.debug_barrier()  # the scratch rows written above are read back below, possibly by other threads
-        S, dR, run_f, run_b = _bwd_left_edge(hf_states, dhb_states, offs, m_s, R, dS, BK, BV, STATES_IN_MEMORY)
+        S, dR, run_f, run_b = _bwd_left_edge(hf_states, hb_states, dhf_states, dhb_states, tl.program_id(2),
+                                             tl.program_id(1), NS, o_k, m_k, o_v, m_v, K, V, BK, BV, STATES_IN_MEMORY)
         _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, S, dR, run_f, run_b, q_st,
                     k_st, v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, scale, T, c0, n_chunks, HK, HV, o_k,
                     m_k, o_v, m_v, BT, PRECISION)
@@ -694,16 +697,16 @@ def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
-    """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, in BC-token sweeps
-    that stay exact under any gates (_bwd_sub_chunk_sweeps); the other programs return at once. Same
-    arguments as bigla_bwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, _, flag = _segment_program(
+    """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, after its right-to-left
+    pass wrote their scratch: BC-token sweeps that stay exact under any gates (_bwd_sub_chunk_sweeps); the
+    other programs return at once. Same arguments as bigla_bwd_chunks_kernel."""
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, _, _, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
         _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states,
-                              hb_states, dhf_states, dhb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
-                              bv, bgf, bgb, bdo, bdk, scale, T, c0, tl.cdiv(seg_len, BC), H * K, H * V, o_k, m_k,
-                              o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
+                              hb_states, dhf_states, dhb_states, tl.program_id(2), tl.program_id(1), NS, q_st, k_st,
+                              v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, scale, T, c0, tl.cdiv(seg_len, BC),
+                              H * K, H * V, o_k, m_k, o_v, m_v, K, V, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
 
 @triton.jit
