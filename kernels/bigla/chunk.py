@@ -727,7 +727,8 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
     log_decay (with the first value block). Axis 0 picks the tile and the segment, axis 1 the batch*head.
     Kinds: 0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k, v, g_bwd, right to
     left, exclusive); with KINDS = 4 also 2 gradient of the forward state (q, do, g_fwd, right to left,
-    inclusive), 3 gradient of the backward state (q, do, g_bwd, left to right, inclusive).
+    inclusive), 3 gradient of the backward state (q, do, g_bwd, left to right, inclusive). Kinds 2 and 3 decay
+    by the gates of kinds 0 and 1, so log_decay has two rows.
 
     The segment's tiles are read once for all kinds, walking left to right in BT-token steps: the
     left-to-right kinds are carried (decayed across each step, then the step's terms added), the
@@ -780,17 +781,14 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
     if KINDS == 4:
         tl.store(local + 2 * kind_stride + offs, dh_fwd, mask=m_s)
         tl.store(local + 3 * kind_stride + offs, dh_bwd, mask=m_s)
-        if i_v == 0:
-            tl.store(log_decay + 2 * decay_stride + decay_offs, before_f, mask=m_k)
-            tl.store(log_decay + 3 * decay_stride + decay_offs, before_b, mask=m_k)
 
 
 @triton.jit
 def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                                 BV: tl.constexpr):
     """The state entering every segment, for one [BK, BV] tile of one kind (axis 2, numbered as in
-    bigla_segment_states_kernel) of one batch*head: h <- diag(exp(log_decay[n])) h + local[n], segment after
-    segment in the kind's direction; each step's inputs are loaded one step ahead."""
+    bigla_segment_states_kernel) of one batch*head: h <- diag(exp(log_decay[kind % 2, n])) h + local[n],
+    segment after segment in the kind's direction; each step's inputs are loaded one step ahead."""
     i_kv, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NKB: tl.constexpr = (K + BK - 1) // BK
     i_k, i_v = i_kv % NKB, i_kv // NKB
@@ -799,12 +797,13 @@ def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     i_dbh = i_d * tl.num_programs(1) + i_bh
+    decay_row = (i_d % 2) * tl.num_programs(1) + i_bh
     left_to_right = (i_d == 0) | (i_d == 3)
     n = tl.where(left_to_right, 0, NS - 1)
     step = tl.where(left_to_right, 1, -1)
     offs, m_s = _state_offsets(i_dbh, n, NS, o_k, m_k, o_v, m_v, K, V)
     loc = tl.load(local + offs, mask=m_s, other=0.0)
-    dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n) * K + o_k, mask=m_k, other=0.0)
+    dec = tl.load(log_decay + (decay_row.to(tl.int64) * NS + n) * K + o_k, mask=m_k, other=0.0)
     h = tl.zeros([BK, BV], tl.float32)
     for _ in range(0, NS):
         tl.store(states + offs, h, mask=m_s)
@@ -812,7 +811,7 @@ def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V
         n_next = tl.minimum(tl.maximum(n + step, 0), NS - 1)  # the last prefetch re-reads a valid segment
         next_offs, m_s = _state_offsets(i_dbh, n_next, NS, o_k, m_k, o_v, m_v, K, V)
         loc = tl.load(local + next_offs, mask=m_s, other=0.0)
-        dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n_next) * K + o_k, mask=m_k, other=0.0)
+        dec = tl.load(log_decay + (decay_row.to(tl.int64) * NS + n_next) * K + o_k, mask=m_k, other=0.0)
         offs = next_offs
         n = n_next
 
@@ -840,7 +839,7 @@ def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) ->
     segments that combines them (NS steps instead of T / SCAN_CHUNK)."""
     B, K, V = q.shape[0], common["K"], common["V"]
     local = torch.empty(kinds, B * H, NS, K, V, dtype=torch.float32, device=q.device)
-    log_decay = torch.empty(kinds, B * H, NS, K, dtype=torch.float32, device=q.device)
+    log_decay = torch.empty(2, B * H, NS, K, dtype=torch.float32, device=q.device)
     BK, BV = state_tile(B * H * NS, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
     bigla_segment_states_kernel[(tiles * NS, B * H)](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
