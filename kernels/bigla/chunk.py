@@ -276,12 +276,12 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
 
 
 @triton.jit
-def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
+def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
                           gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, n_sub, HV, o_k, m_k, o_v, m_v,
                           BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                           LIMIT: tl.constexpr, PRECISION: tl.constexpr):
     """The forward under any gates, BC tokens per step: right to left over the segment's sub-chunks,
-    carrying the backward state, the backward direction's part of o goes to o_part (fp32 scratch); then
+    carrying the backward state, the backward direction's part of o goes to o_bwd (fp32 scratch); then
     left to right, carrying the forward state, the forward part, the diagonal sub-chunk and the scratch
     make o."""
     if STATES_IN_MEMORY:
@@ -298,12 +298,12 @@ def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs
         q_n, k_n, v_n, gb_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
                                               tl.maximum(r0 - BC, c0), T, o_k, m_k, o_v, m_v, BC)
         Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
-        _store_rows(o_part, bo, r0, T, HV, o_v, m_v, _mm(q_i * tl.exp(Bl), h, PRECISION), BC)
+        _store_rows(o_bwd, bo, r0, T, HV, o_v, m_v, _mm(q_i * tl.exp(Bl), h, PRECISION), BC)
         # R <- R decayed across the sub-chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
         h = h * tl.exp(tl.sum(gb_i, 0))[:, None]
         h += _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
 
-    tl.debug_barrier()  # o_part rows written above are read back below, possibly by other threads
+    tl.debug_barrier()  # o_bwd rows written above are read back below, possibly by other threads
     if STATES_IN_MEMORY:
         h = tl.load(hf_states + offs, mask=m_s, other=0.0)
     else:
@@ -311,7 +311,7 @@ def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs
     q_n, k_n, v_n, gf_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, c0, T,
                                           o_k, m_k, o_v, m_v, BC)
     gb_n = _load_raw(gb, bgb, c0, T, gb_st, o_k, m_k, BC)
-    ob_n = _load_raw(o_part, bo, c0, T, HV, o_v, m_v, BC)
+    ob_n = _load_raw(o_bwd, bo, c0, T, HV, o_v, m_v, BC)
     for i in range(0, n_sub):  # left to right: S, the state of the tokens left of sub-chunk i
         r0 = c0 + i * BC
         q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
@@ -320,7 +320,7 @@ def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs
         q_n, k_n, v_n, gf_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r_next, T,
                                               o_k, m_k, o_v, m_v, BC)
         gb_n = _load_raw(gb, bgb, r_next, T, gb_st, o_k, m_k, BC)
-        ob_n = _load_raw(o_part, bo, r_next, T, HV, o_v, m_v, BC)
+        ob_n = _load_raw(o_bwd, bo, r_next, T, HV, o_v, m_v, BC)
         Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
         Bl = tl.cumsum(gb_i, 0, reverse=True)
         b_o = _mm(q_i * tl.exp(Fl), h, PRECISION) + ob_i
@@ -333,74 +333,71 @@ def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs
 
 
 @triton.jit
-def _fwd_chunks(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
-                bv, bgf, bgb, bo, scale, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    """The forward under mild gates, BT tokens per step, both directions in one loop: step j does the forward
-    direction's part of chunk j, carrying S left to right, and the backward direction's part of chunk
-    n_chunks-1-j, carrying R right to left. The two chains are independent, so each step's latency is
-    shared by both. A chunk's first part goes to o_part (fp32 scratch); its second adds it and makes o (the
-    middle chunk's forward part comes first).
-
-    Within a chunk, decays are taken against its start: the forward pair (t, s), s <= t, decays by
-    exp(Fl_t) * exp(-Fl_s) and the backward pair, s >= t, by exp(Bl_t) * exp(-Bl_s), so each direction's
-    scores are one [BT, BT] matrix product. Returns the least total log decay of a chunk over both gates and
-    every key channel: below the caller's limit exp(-Fl) or exp(-Bl) may have overflowed, and the sweeps
-    redo the segment.
-    """
+def _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st, bk, bv,
+                           bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                           V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """Right to left over the segment's BT-token chunks: stores the backward state entering each chunk from
+    its right (fp32 scratch, rows state_row...); returns the least total log decay of a chunk, over both
+    gates and every key channel."""
     if STATES_IN_MEMORY:
-        S = tl.load(hf_states + offs, mask=m_s, other=0.0)
-        R = tl.load(hb_states + offs, mask=m_s, other=0.0)
+        h = tl.load(hb_states + offs, mask=m_s, other=0.0)
     else:
-        S = tl.zeros([BK, BV], tl.float32)
-        R = tl.zeros([BK, BV], tl.float32)
-    o_r = tl.arange(0, BT)
-    lower = o_r[:, None] >= o_r[None, :]  # the diagonal (t = s) is in both directions
-    upper = o_r[:, None] <= o_r[None, :]
+        h = tl.zeros([BK, BV], tl.float32)
     steepest = tl.zeros([BK], tl.float32)
     for j in range(0, n_chunks):
-        rf = c0 + j * BT
-        q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, rf, T,
-                                              o_k, m_k, o_v, m_v, BT)
-        gf_i = gf_i.to(tl.float32)
-        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
-        qf = q_i.to(tl.float32) * tl.exp(Fl)
-        kf = k_i.to(tl.float32) * tl.exp(-Fl)
-        v_i = v_i.to(tl.float32)
-        o_f = _mm(qf, S, PRECISION) + _mm(tl.where(lower, _mm(qf, tl.trans(kf), PRECISION), 0.0), v_i, PRECISION)
-        # S <- S decayed across the chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
-        tot_f = tl.sum(gf_i, 0)
-        S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(kf * tl.exp(tot_f)[None, :]), v_i, PRECISION)
-        _finish_part(o, o_part, bo, rf, T, HV, o_v, m_v, o_f, scale, 2 * j <= n_chunks - 1, BT)
-
-        rb = c0 + (n_chunks - 1 - j) * BT
-        q_i, k_i, v_i, gb_i = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st, rb, T,
-                                              o_k, m_k, o_v, m_v, BT)
-        gb_i = gb_i.to(tl.float32)
-        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
-        qb = q_i.to(tl.float32) * tl.exp(Bl)
-        k_i = k_i.to(tl.float32)
-        v_i = v_i.to(tl.float32)
-        o_b = _mm(qb, R, PRECISION) + _mm(tl.where(upper, _mm(qb, tl.trans(k_i * tl.exp(-Bl)), PRECISION), 0.0),
-                                          v_i, PRECISION)
-        # R <- R decayed across the chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
+        c = n_chunks - 1 - j
+        r0 = c0 + c * BT
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        tl.store(chunk_states + chunk_offs, h, mask=m_c)
+        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
+        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
+        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
+        tot_f = tl.sum(_load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT), 0)
         tot_b = tl.sum(gb_i, 0)
-        R = R * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
-        _finish_part(o, o_part, bo, rb, T, HV, o_v, m_v, o_b, scale, 2 * j < n_chunks - 1, BT)
         steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
+        # R <- R decayed across the chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
+        h = h * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
     return tl.min(steepest, 0)
 
 
 @triton.jit
-def _finish_part(o, o_part, bo, r0, T, HV, o_v, m_v, part, scale, first, BT: tl.constexpr):
-    """One direction's part of a chunk's output: kept in o_part if the chunk's other part comes later, else
-    added to it and stored to o."""
-    if first:
-        _store_rows(o_part, bo, r0, T, HV, o_v, m_v, part, BT)
+def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
+                bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, K: tl.constexpr,
+                V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward under mild gates (no chunk decays by more than the caller's limit), BT tokens per step,
+    left to right carrying the forward state S; the backward states come from _chunk_backward_states.
+
+    Within a chunk, decays are taken against its start: the forward pair (t, s), s <= t, decays by
+    exp(Fl_t) * exp(-Fl_s) and the backward pair, s >= t, by exp(Bl_t) * exp(-Bl_s), so the chunk's scores
+    are two [BT, BT] matrix products; exp(-Fl) and exp(-Bl) stay below exp(limit), far from overflow.
+    """
+    if STATES_IN_MEMORY:
+        h = tl.load(hf_states + offs, mask=m_s, other=0.0)
     else:
-        tl.debug_barrier()  # the first part was written by an earlier step, possibly by other threads
-        part += _load_rows(o_part, bo, r0, T, HV, o_v, m_v, BT)
-        _store_rows(o, bo, r0, T, HV, o_v, m_v, part * scale, BT)
+        h = tl.zeros([BK, BV], tl.float32)
+    o_r = tl.arange(0, BT)
+    lower = o_r[:, None] >= o_r[None, :]  # the diagonal (t = s) is in both directions
+    upper = o_r[:, None] <= o_r[None, :]
+    for c in range(0, n_chunks):
+        r0 = c0 + c * BT
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
+        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
+        R = tl.load(chunk_states + chunk_offs, mask=m_c, other=0.0)
+        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
+        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
+        qf = q_i * tl.exp(Fl)
+        qb = q_i * tl.exp(Bl)
+        kf = k_i * tl.exp(-Fl)
+        scores = tl.where(lower, _mm(qf, tl.trans(kf), PRECISION), 0.0)
+        scores += tl.where(upper, _mm(qb, tl.trans(k_i * tl.exp(-Bl)), PRECISION), 0.0)
+        b_o = _mm(qf, h, PRECISION) + _mm(qb, R, PRECISION) + _mm(scores, v_i, PRECISION)
+        _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BT)
+        # S <- S decayed across the chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
+        tot = tl.sum(gf_i, 0)
+        h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kf * tl.exp(tot)[None, :]), v_i, PRECISION)
 
 
 @triton.jit
@@ -408,7 +405,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
                  SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """What a program of the forward or backward kernels covers: its key/value columns, where its rows start
     in the inputs, in o, do and dv (bdo) and in dq, dk and the gate gradients (bdk), its segment states
-    (offs), its first token, segment length and its steep_flags entry."""
+    (offs), its first token, segment length and row of chunk states, and its steep_flags entry."""
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
         0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
@@ -416,7 +413,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
     c0 = i_s * SEG
     flag = (i_bh * NS + i_s) * tl.num_programs(0) + i_v
     return (o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 * V, row0 * K + i_v.to(tl.int64) * split_stride, offs,
-            m_s, c0, tl.minimum(SEG, T - c0), flag)
+            m_s, c0, tl.minimum(SEG, T - c0), i_bh * NS + i_s, flag)
 
 
 
@@ -429,7 +426,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
                  key=["T", "K", "V", "BT", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_part, steep_flags, hf_states, hb_states,
+def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -437,23 +434,32 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_part, steep_flags, hf_states, 
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
     """o for one segment of SEG tokens of one (batch, head) and one block of value columns, under mild gates.
 
-    Both directions' BT-token chunks run in one loop as [BT, BT] matrix products (_fwd_chunks); if a chunk
-    decays by more than CHUNK_LIMIT in some key channel, the program raises its steep flag and
-    bigla_fwd_sweeps_kernel redoes its segment, overwriting o. Inputs may be strided over batch and tokens
-    (slices of a fused projection); a head's channels are contiguous. o and the scratch o_part are contiguous.
+    First the backward states entering each BT-token chunk (right to left), which also finds the
+    steepest chunk; if no chunk decays by more than CHUNK_LIMIT in any key channel, the chunks run left
+    to right as [BT, BT] matrix products (_fwd_chunks); else the program only raises its steep flag and
+    bigla_fwd_sweeps_kernel does its segment. Inputs may be strided over batch and tokens (slices of a
+    fused projection); a head's channels are contiguous. o and the scratch (o_bwd, chunk_states) are
+    contiguous.
     """
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
-    steepest = _fwd_chunks(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
-                           gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, tl.cdiv(seg_len, BT), H * V, o_k, m_k,
-                           o_v, m_v, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
-    tl.store(steep_flags + flag, (steepest < -CHUNK_LIMIT).to(tl.int32))
+    n_chunks = tl.cdiv(seg_len, BT)
+    steepest = _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st,
+                                      bk, bv, bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v,
+                                      K, V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+    steep = steepest < -CHUNK_LIMIT
+    tl.store(steep_flags + flag, steep.to(tl.int32))
+    if not steep:
+        tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
+        _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
+                    bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, H * V, o_k, m_k, o_v, m_v, K, V,
+                    SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
 
 
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
                  **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_part, steep_flags, hf_states, hb_states,
+def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -462,10 +468,10 @@ def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_part, steep_flags, hf_states, 
     """o of the segments whose steep flag bigla_fwd_chunks_kernel raised, in BC-token steps whose decays
     stay exact under any gates (_fwd_sub_chunk_sweeps); the other programs return at once. Same arguments
     as bigla_fwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
-        _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_part, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
+        _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
                               gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, tl.cdiv(seg_len, BC), H * V, o_k, m_k,
                               o_v, m_v, BC, BK, BV, STATES_IN_MEMORY, LIMIT, PRECISION)
 
@@ -662,7 +668,7 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     value blocks dq, dk and the gate gradients are partial sums, written split_stride apart and summed by the
     caller.
     """
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     n_chunks = tl.cdiv(seg_len, BT)
     HK = H * K
@@ -694,7 +700,7 @@ def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, after its right-to-left
     pass wrote their scratch: BC-token sweeps that stay exact under any gates (_bwd_sub_chunk_sweeps); the
     other programs return at once. Same arguments as bigla_bwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, _, _, c0, seg_len, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, _, _, c0, seg_len, _, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
         _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states,
@@ -881,13 +887,14 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
     B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     o = output_buffer((B, T, H, V), q.dtype, q.device)
-    o_part = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    chunk_states = torch.empty(B * H * NS, SEGMENT // FWD_CHUNK, K, V, dtype=torch.float32, device=q.device)
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
-        hf = hb = o_part  # not read
-    args = (q, k, v, g_fwd, g_bwd, o, o_part, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
+        hf = hb = o_bwd  # not read
+    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
     constants = dict(BC=SUB_CHUNK, BT=FWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_fwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
