@@ -116,23 +116,6 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(x, INCLUSIVE: tl.constexpr, REVERSE: tl.constexpr):
-    """Running sums of x's rows: row t sums the rows s <= t (s < t unless INCLUSIVE), s >= t with REVERSE.
-
-    A matrix product with a 0/1 triangle (tf32x3, about fp32-accurate) rather than tl.cumsum: the rows of a
-    tile are spread over warps, so a scan goes through shared memory with a barrier per level, and the
-    profile of the chunk kernels (NOTES.md v9) put about 30% of their stalls in scans and row sums."""
-    NROWS: tl.constexpr = x.shape[0]
-    t = tl.arange(0, NROWS)[:, None]
-    s = tl.arange(0, NROWS)[None, :]
-    if REVERSE:
-        keep = (s >= t) if INCLUSIVE else (s > t)
-    else:
-        keep = (s <= t) if INCLUSIVE else (s < t)
-    return tl.dot(tl.where(keep, 1.0, 0.0), x, input_precision="tf32x3")
-
-
-@triton.jit
 def _load_raw(ptr, base, row0, T, stride, cols, col_mask, NROWS: tl.constexpr):
     """Rows row0 .. row0+NROWS-1 of a token-major tensor in its own dtype; rows past T and masked columns
     read 0. Kept raw when loaded a step ahead, so nothing waits for the load before its first use."""
@@ -374,7 +357,7 @@ def _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_s
         tot_b = tl.sum(gb_i, 0)
         steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
         # R <- R decayed across the chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
-        h = h * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(_row_sums(gb_i, False, False))), v_i, PRECISION)
+        h = h * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
     return tl.min(steepest, 0)
 
 
@@ -403,8 +386,8 @@ def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
         chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
         R = tl.load(chunk_states + chunk_offs, mask=m_c, other=0.0)
-        Fl = _row_sums(gf_i, True, False)  # sum_{i0 <= r <= t} g_fwd
-        Bl = _row_sums(gb_i, True, True)  # sum_{t <= r <= i1} g_bwd
+        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
+        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
         qf = q_i * tl.exp(Fl)
         qb = q_i * tl.exp(Bl)
         kf = k_i * tl.exp(-Fl)
@@ -502,8 +485,8 @@ def _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o
     Returns the running sums after the step."""
     dFf = q_i * dqf - k_i * dkf
     dFb = q_i * dqb - k_i * dkb
-    b_dgf = run_f[None, :] - _row_sums(dFf, False, False)
-    b_dgb = run_b[None, :] + _row_sums(dFb, True, False)
+    b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
+    b_dgb = run_b[None, :] + tl.cumsum(dFb, 0)
     _store_rows(dq, bdk, r0, T, HK, o_k, m_k, b_dq * scale, NROWS)
     _store_rows(dk, bdk, r0, T, HK, o_k, m_k, b_dk * scale, NROWS)
     _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, NROWS)
@@ -534,13 +517,13 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, NROWS)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, NROWS)
-        Fl = _row_sums(gf_i, True, False)
+        Fl = tl.cumsum(gf_i, 0)
         tot_f = tl.sum(gf_i, 0)
         tot_b = tl.sum(gb_i, 0)
         steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
         e_kf = tl.exp(tot_f[None, :] - Fl)  # sum_{t < r <= i1} g_fwd
-        e_kb = tl.exp(_row_sums(gb_i, False, False))  # sum_{i0 <= r < t} g_bwd
-        e_qb = tl.exp(_row_sums(gb_i, True, True))  # sum_{t <= r <= i1} g_bwd
+        e_kb = tl.exp(tl.cumsum(gb_i, 0) - gb_i)  # sum_{i0 <= r < t} g_bwd
+        e_qb = tl.exp(tl.cumsum(gb_i, 0, reverse=True))  # sum_{t <= r <= i1} g_bwd
         _store_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, _mm(do_i, tl.trans(R), PRECISION) * e_qb, NROWS)
         _store_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, _mm(v_i, tl.trans(dS), PRECISION) * e_kf, NROWS)
         _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), NROWS)
@@ -607,6 +590,8 @@ def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
 
+
+
 @triton.jit
 def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, S, dR, run_f, run_b, q_st, k_st,
                 v_st, gf_st, gb_st, bq, bk, bv, bgf, bgb, bdo, bdk, scale, T, c0, n_chunks, HK, HV, o_k, m_k, o_v, m_v,
@@ -628,8 +613,8 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
-        Lf = _row_sums(gf_i, True, False)
-        Lb = _row_sums(gb_i, True, True)
+        Lf = tl.cumsum(gf_i, 0)
+        Lb = tl.cumsum(gb_i, 0, reverse=True)
         tot_f = tl.sum(gf_i, 0)
         tot_b = tl.sum(gb_i, 0)
         e_qf = tl.exp(Lf)
