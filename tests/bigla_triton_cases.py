@@ -42,7 +42,9 @@ class Case:
     K: int
     V: int
     dtype: torch.dtype
-    gates: str  # "vig": logsigmoid(z)/16; "flat": log-gates near 0; "steep": near -inf; "mixed": steep, then flat
+    # "vig": logsigmoid(z)/16; "flat": log-gates near 0; "decaying": about -0.6 per token, the most the chunk
+    # paths take (a chunk decays by about 20 forward, 10 backward); "steep": near -inf; "mixed": steep, then flat
+    gates: str
     strided: bool = False  # q, k, v, gates as slices of one fused projection (non-contiguous)
     cost: float = 1.0  # seconds under the interpreter, roughly; balances the subprocesses
 
@@ -51,7 +53,7 @@ class Case:
 # states recomputed in the chunk programs (T <= 256) and read from the state scan (T = 300, whose states
 # are split into 16 x 16 tiles off a GPU: two key blocks, the second masked; T = 700: three segments, so
 # the scan over segments carries a state through a middle one in both directions). The forward and backward
-# take their chunk paths (FWD_CHUNK / BWD_CHUNK tokens) under the "vig" and "flat" gates and their exact
+# take their chunk paths (FWD_CHUNK / BWD_CHUNK tokens) under the "vig", "flat" and "decaying" gates and their exact
 # 16-token sweeps under "steep" ones (a chunk decays by far more than CHUNK_DECAY_LIMIT); under "mixed" gates
 # (T = 300) the first segment takes the sweeps and the second the chunk path in the same launch, so all are
 # checked.
@@ -63,6 +65,7 @@ CASES = {
     "t100_fp32_flat": Case(1, 100, 1, 16, 32, torch.float32, "flat", cost=2.0),
     "t100_fp32_k48_v160": Case(1, 100, 1, 48, 160, torch.float32, "vig", cost=4.0),
     "t196_bf16_vig_shape": Case(1, 196, 2, 32, 64, torch.bfloat16, "vig", cost=6.5),
+    "t196_bf16_decaying": Case(1, 196, 2, 32, 64, torch.bfloat16, "decaying", cost=6.5),
     "t300_fp32_k24_mixed": Case(1, 300, 1, 24, 32, torch.float32, "mixed", cost=10.0),
     "t700_bf16_three_segments": Case(1, 700, 1, 16, 32, torch.bfloat16, "vig", cost=6.0),
 }
@@ -84,6 +87,8 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[list[torch.Tens
             return F.logsigmoid(z) / 16
         if case.gates == "flat":
             return F.logsigmoid(z + 12.0) / 16  # about -4e-7: decay ~1, memory spans the whole sequence
+        if case.gates == "decaying":
+            return F.logsigmoid(z) * 0.75
         steep = F.logsigmoid(z - 4.0) * 12.0  # about -50 per token: everything beyond a neighbour vanishes
         if case.gates == "steep":
             return steep

@@ -89,7 +89,7 @@ def test_cases_cover_both_kernel_paths() -> None:
     for chunk, pass_name in ((FWD_CHUNK, "forward"), (BWD_CHUNK, "backward")):
         for name, case in cases.CASES.items():
             taken = _chunk_path_taken(case, chunk)
-            if case.gates in ("vig", "flat"):
+            if case.gates in ("vig", "flat", "decaying"):
                 assert taken.all(), f"{name}: some {pass_name} programs fall back to the 16-token sweeps"
             else:
                 assert not taken.all(), (f"{name}: every {pass_name} program takes the chunk path; "

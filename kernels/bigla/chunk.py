@@ -116,6 +116,32 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _running_sums(x, INCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
+    """Running sums down x's rows: row t sums the rows s <= t (s >= t with REVERSE; s != t unless INCLUSIVE).
+
+    For 16-bit inputs ("tf32") a product with a 0/1 triangle on the tensor cores: a tile's rows are spread
+    over warps, so tl.cumsum goes through shared memory with a barrier per level, and scans held about a
+    third of the backward's stall samples (NOTES.md v10). tf32 rounds each summand to 11 significant bits:
+    a decay exp(-x) then carries a relative error of at most x * 2^-11, i.e. 1.8e-4 of a unit weight (x =
+    1), well inside 16-bit accuracy, as long as every decay is a difference of sums taken here (a total from
+    tl.sum minus a rounded running sum would err by 2^-11 of the whole running sum). fp32 inputs keep
+    tl.cumsum's exact fp32 sums."""
+    if PRECISION == "tf32":
+        t = tl.arange(0, x.shape[0])[:, None]
+        s = tl.arange(0, x.shape[0])[None, :]
+        if REVERSE:
+            keep = (s >= t) if INCLUSIVE else (s > t)
+        else:
+            keep = (s <= t) if INCLUSIVE else (s < t)
+        return tl.dot(tl.where(keep, 1.0, 0.0), x, input_precision="tf32")
+    else:
+        sums = tl.cumsum(x, 0, reverse=REVERSE)
+        if not INCLUSIVE:
+            sums -= x
+        return sums
+
+
+@triton.jit
 def _load_raw(ptr, base, row0, T, stride, cols, col_mask, NROWS: tl.constexpr):
     """Rows row0 .. row0+NROWS-1 of a token-major tensor in its own dtype; rows past T and masked columns
     read 0. Kept raw when loaded a step ahead, so nothing waits for the load before its first use."""
@@ -386,8 +412,8 @@ def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
         chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
         R = tl.load(chunk_states + chunk_offs, mask=m_c, other=0.0)
-        Fl = tl.cumsum(gf_i, 0)  # sum_{i0 <= r <= t} g_fwd
-        Bl = tl.cumsum(gb_i, 0, reverse=True)  # sum_{t <= r <= i1} g_bwd
+        Fl = _running_sums(gf_i, True, False, PRECISION)  # sum_{i0 <= r <= t} g_fwd
+        Bl = _running_sums(gb_i, True, True, PRECISION)  # sum_{t <= r <= i1} g_bwd
         qf = q_i * tl.exp(Fl)
         qb = q_i * tl.exp(Bl)
         kf = k_i * tl.exp(-Fl)
@@ -396,7 +422,7 @@ def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_
         b_o = _mm(qf, h, PRECISION) + _mm(qb, R, PRECISION) + _mm(scores, v_i, PRECISION)
         _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BT)
         # S <- S decayed across the chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
-        tot = tl.sum(gf_i, 0)
+        tot = _row(Fl, o_r, BT - 1)  # the total Fl took, so tot - Fl sums just the (equally rounded) rows between
         h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kf * tl.exp(tot)[None, :]), v_i, PRECISION)
 
 
@@ -478,15 +504,15 @@ def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
 
 @triton.jit
 def _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i, dqf, dqb, dkf, dkb,
-                      b_dq, b_dk, b_dv, run_f, run_b, scale, NROWS: tl.constexpr):
+                      b_dq, b_dk, b_dv, run_f, run_b, scale, NROWS: tl.constexpr, PRECISION: tl.constexpr):
     """Writes a left-to-right step's gradients (b_dq, b_dk, b_dv: both directions) and its gate gradients,
     running sums of q*dq - k*dk per direction (dqf, dkf forward, dqb, dkb backward): dg_fwd[r] = run_f -
     sum_{t<r}, since those terms sum to zero over the sequence, and dg_bwd[r] = run_b + sum_{t<=r}.
     Returns the running sums after the step."""
     dFf = q_i * dqf - k_i * dkf
     dFb = q_i * dqb - k_i * dkb
-    b_dgf = run_f[None, :] - (tl.cumsum(dFf, 0) - dFf)
-    b_dgb = run_b[None, :] + tl.cumsum(dFb, 0)
+    b_dgf = run_f[None, :] - _running_sums(dFf, False, False, PRECISION)
+    b_dgb = run_b[None, :] + _running_sums(dFb, True, False, PRECISION)
     _store_rows(dq, bdk, r0, T, HK, o_k, m_k, b_dq * scale, NROWS)
     _store_rows(dk, bdk, r0, T, HK, o_k, m_k, b_dk * scale, NROWS)
     _store_rows(dv, bdo, r0, T, HV, o_v, m_v, b_dv * scale, NROWS)
@@ -517,13 +543,13 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, NROWS)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, NROWS)
-        Fl = tl.cumsum(gf_i, 0)
-        tot_f = tl.sum(gf_i, 0)
+        Fl = _running_sums(gf_i, True, False, PRECISION)
+        tot_f = _row(Fl, tl.arange(0, NROWS), NROWS - 1)  # the sum Fl took, so tot_f - Fl sums the rows between
         tot_b = tl.sum(gb_i, 0)
         steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
         e_kf = tl.exp(tot_f[None, :] - Fl)  # sum_{t < r <= i1} g_fwd
-        e_kb = tl.exp(tl.cumsum(gb_i, 0) - gb_i)  # sum_{i0 <= r < t} g_bwd
-        e_qb = tl.exp(tl.cumsum(gb_i, 0, reverse=True))  # sum_{t <= r <= i1} g_bwd
+        e_kb = tl.exp(_running_sums(gb_i, False, False, PRECISION))  # sum_{i0 <= r < t} g_bwd
+        e_qb = tl.exp(_running_sums(gb_i, True, True, PRECISION))  # sum_{t <= r <= i1} g_bwd
         _store_rows(dq_bwd, bdk, r0, T, HK, o_k, m_k, _mm(do_i, tl.trans(R), PRECISION) * e_qb, NROWS)
         _store_rows(dk_fwd, bdk, r0, T, HK, o_k, m_k, _mm(v_i, tl.trans(dS), PRECISION) * e_kf, NROWS)
         _store_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, _mm(k_i * e_kf, dS, PRECISION), NROWS)
@@ -585,7 +611,7 @@ def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_
 
         run_f, run_b = _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i,
                                          dqf, dqb, dkf, dkb, dqf + dqb + dd * k_i, dkf + dkb + dd * q_i, b_dv, run_f,
-                                         run_b, scale, BC)
+                                         run_b, scale, BC, PRECISION)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(k_i * tl.exp(tot_f[None, :] - Fl)), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
 
@@ -613,10 +639,11 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
         q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
                                                gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
         do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
-        Lf = tl.cumsum(gf_i, 0)
-        Lb = tl.cumsum(gb_i, 0, reverse=True)
-        tot_f = tl.sum(gf_i, 0)
-        tot_b = tl.sum(gb_i, 0)
+        Lf = _running_sums(gf_i, True, False, PRECISION)
+        Lb = _running_sums(gb_i, True, True, PRECISION)
+        # The totals as Lf and Lb took them, so a decay tot - L sums just the (equally rounded) rows between
+        tot_f = _row(Lf, o_r, BT - 1)
+        tot_b = _row(Lb, o_r, 0)
         e_qf = tl.exp(Lf)
         e_qb = tl.exp(Lb)
         e_kf = tl.exp(-Lf)
@@ -638,7 +665,8 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
         b_dv = (_mm(tl.trans(scores), do_i, PRECISION) + _mm(kb_out, dR, PRECISION)
                 + _load_rows(dv_fwd, bdo, r0, T, HV, o_v, m_v, BT))
         run_f, run_b = _store_step_grads(dq, dk, dv, dgf, dgb, bdk, bdo, r0, T, HK, HV, o_k, m_k, o_v, m_v, q_i, k_i,
-                                         dqf, dqb, dkf, dkb, dqf + dqb, dkf + dkb, b_dv, run_f, run_b, scale, BT)
+                                         dqf, dqb, dkf, dkb, dqf + dqb, dkf + dkb, b_dv, run_f, run_b, scale, BT,
+                                         PRECISION)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(kf * tl.exp(tot_f)[None, :]), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(qb), do_i, PRECISION)
 
