@@ -782,18 +782,17 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
         v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
         gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT)
         gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
-        prefix_f = tl.cumsum(gf_i, 0)  # inclusive, within the step
-        prefix_b = tl.cumsum(gb_i, 0)
-        tot_f = tl.sum(gf_i, 0)
+        prefix_f = _running_sums(gf_i, True, False, PRECISION)  # inclusive, within the step
+        tot_f = _row(prefix_f, tl.arange(0, BT), BT - 1)  # as prefix_f took it: tot_f - prefix_f sums rows between
         tot_b = tl.sum(gb_i, 0)
         h_fwd = h_fwd * tl.exp(tot_f)[:, None] + _decayed_outer(k_i, tot_f[None, :] - prefix_f, v_i, PRECISION)
-        h_bwd += _decayed_outer(k_i, before_b[None, :] + prefix_b - gb_i, v_i, PRECISION)
+        h_bwd += _decayed_outer(k_i, before_b[None, :] + _running_sums(gb_i, False, False, PRECISION), v_i, PRECISION)
         if KINDS == 4:
             q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BT)
             do_i = _load_rows(do, bdo, r0, T, H * V, o_v, m_v, BT)
             dh_fwd += _decayed_outer(q_i, before_f[None, :] + prefix_f, do_i, PRECISION)
-            dh_bwd = dh_bwd * tl.exp(tot_b)[:, None] + _decayed_outer(q_i, tot_b[None, :] - prefix_b + gb_i, do_i,
-                                                                      PRECISION)
+            dh_bwd = dh_bwd * tl.exp(tot_b)[:, None] + _decayed_outer(q_i, _running_sums(gb_i, True, True, PRECISION),
+                                                                      do_i, PRECISION)
         before_f += tot_f
         before_b += tot_b
     B_H = tl.num_programs(1)
