@@ -43,7 +43,9 @@ class Case:
     V: int
     dtype: torch.dtype
     # "vig": logsigmoid(z)/16; "flat": log-gates near 0; "decaying": about -0.6 per token, the most the chunk
-    # paths take (a chunk decays by about 20 forward, 10 backward); "steep": near -inf; "mixed": steep, then flat
+    # paths take (a chunk decays by about 20 forward, 10 backward); "steep": near -inf; "steep_fwd": g_fwd steep,
+    # g_bwd as ViG's (the forward's chunk path runs, finds g_fwd steep and has the sweeps redo the segment);
+    # "mixed": steep, then flat
     gates: str
     strided: bool = False  # q, k, v, gates as slices of one fused projection (non-contiguous)
     cost: float = 1.0  # seconds under the interpreter, roughly; balances the subprocesses
@@ -63,6 +65,7 @@ CASES = {
     "t64_fp16_k24_v48_steep": Case(1, 64, 2, 24, 48, torch.float16, "steep", cost=3.0),
     "t64_bf16_strided": Case(1, 64, 2, 16, 32, torch.bfloat16, "vig", strided=True, cost=1.5),
     "t100_fp32_flat": Case(1, 100, 1, 16, 32, torch.float32, "flat", cost=2.0),
+    "t100_fp32_steep_fwd": Case(1, 100, 1, 16, 32, torch.float32, "steep_fwd", cost=2.5),
     "t100_fp32_k48_v160": Case(1, 100, 1, 48, 160, torch.float32, "vig", cost=4.0),
     "t196_bf16_vig_shape": Case(1, 196, 2, 32, 64, torch.bfloat16, "vig", cost=6.5),
     "t196_bf16_decaying": Case(1, 196, 2, 32, 64, torch.bfloat16, "decaying", cost=6.5),
@@ -81,22 +84,23 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[list[torch.Tens
     gen = torch.Generator().manual_seed(seed)
     B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
 
-    def gates() -> torch.Tensor:
+    def gates(kind: str) -> torch.Tensor:
         z = torch.randn(B, T, H, K, generator=gen)
-        if case.gates == "vig":
+        if kind == "vig":
             return F.logsigmoid(z) / 16
-        if case.gates == "flat":
+        if kind == "flat":
             return F.logsigmoid(z + 12.0) / 16  # about -4e-7: decay ~1, memory spans the whole sequence
-        if case.gates == "decaying":
+        if kind == "decaying":
             return F.logsigmoid(z) * 0.75
         steep = F.logsigmoid(z - 4.0) * 12.0  # about -50 per token: everything beyond a neighbour vanishes
-        if case.gates == "steep":
+        if kind == "steep":
             return steep
         return torch.where(torch.arange(T)[None, :, None, None] < T // 2, steep, F.logsigmoid(z) / 16)
 
     q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
     v = torch.randn(B, T, H, V, generator=gen)
-    g_fwd, g_bwd = gates(), gates()
+    steep_fwd = case.gates == "steep_fwd"
+    g_fwd, g_bwd = gates("steep" if steep_fwd else case.gates), gates("vig" if steep_fwd else case.gates)
     do = torch.randn(B, T, H, V, generator=gen).to(device=device, dtype=case.dtype)
     tensors = [q, k, v, g_fwd, g_bwd]
     if not case.strided:
