@@ -44,8 +44,7 @@ class Case:
     dtype: torch.dtype
     # "vig": logsigmoid(z)/16; "flat": log-gates near 0; "decaying": about -0.6 per token, the most the chunk
     # paths take (a chunk decays by about 20 forward, 10 backward); "steep": near -inf; "steep_fwd": g_fwd steep,
-    # g_bwd as ViG's (the forward's chunk path runs, finds g_fwd steep and has the sweeps redo the segment);
-    # "mixed": steep, then flat
+    # g_bwd as ViG's (one gate alone must send a segment to the sweeps); "mixed": steep, then flat
     gates: str
     strided: bool = False  # q, k, v, gates as slices of one fused projection (non-contiguous)
     cost: float = 1.0  # seconds under the interpreter, roughly; balances the subprocesses
@@ -55,10 +54,10 @@ class Case:
 # states recomputed in the chunk programs (T <= 256) and read from the state scan (T = 300, whose states
 # are split into 16 x 16 tiles off a GPU: two key blocks, the second masked; T = 700: three segments, so
 # the scan over segments carries a state through a middle one in both directions). The forward and backward
-# take their chunk paths (FWD_CHUNK / BWD_CHUNK tokens) under the "vig", "flat" and "decaying" gates and their exact
-# 16-token sweeps under "steep" ones (a chunk decays by far more than CHUNK_DECAY_LIMIT); under "mixed" gates
-# (T = 300) the first segment takes the sweeps and the second the chunk path in the same launch, so all are
-# checked.
+# take their chunk paths (FWD_CHUNK / BWD_CHUNK tokens) under the "vig", "flat" and "decaying" gates and their
+# exact 16-token sweeps under "steep" and "steep_fwd" ones (a chunk decays by far more than CHUNK_DECAY_LIMIT);
+# under "mixed" gates (T = 300) the first segment takes the sweeps and the second the chunk path in the same
+# launch, so all are checked.
 CASES = {
     "t1_fp32": Case(1, 1, 1, 16, 32, torch.float32, "vig", cost=0.5),
     "t15_bf16_k20_v40": Case(2, 15, 1, 20, 40, torch.bfloat16, "vig", cost=1.0),
