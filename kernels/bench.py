@@ -3,8 +3,8 @@
     python -m kernels.bench --out bench.json
 
 For each (B, T) in (256, 196), (64, 1024), (16, 4096), each ViG head shape (T/S/B: H = 3/6/12 heads,
-K = 32, V = 64 per head) and fp32 / bf16, it times (median ms per call, triton.testing.do_bench) the
-forward alone and forward + backward of
+K = 32, V = 64 per head) and dtype (fp32, bf16, and "tf32": fp32 inputs with tf32 products allowed), it
+times (median ms per call, triton.testing.do_bench) the forward alone and forward + backward of
 - ours: kernels.bigla (Triton, both directions in one op);
 - fla chunk_gla on stacked directions: q/k/v and their flipped copies as a 2B batch, as the released ViG
   code does (the concatenations and flips are part of the call);
@@ -37,11 +37,15 @@ import torch.nn.functional as F
 
 from kernels.bigla import bigla, chunk
 from kernels.norm_mix import norm_mix, norm_mix_reference
+from kernels.triton_utils import float32_matmul_precision
 
 SHAPES = ((256, 196), (64, 1024), (16, 4096))
 MODEL_HEADS = {"ViG-T": 3, "ViG-S": 6, "ViG-B": 12}
 KEY_DIM, VALUE_DIM = 32, 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --dtypes: the inputs' dtype and torch's float32 matmul precision while timing. "tf32" is fp32 inputs with tf32
+# allowed (torch.set_float32_matmul_precision("high")): our fp32 products then run tf32, the precision fla's
+# kernels run fp32 at under any setting; under "fp32" (torch's default, "highest") ours run tf32x3.
+DTYPES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"), "bf16": (torch.bfloat16, "highest")}
 
 
 @dataclass
@@ -201,7 +205,7 @@ def _fwd_and_fwdbwd(fn, inputs: list[torch.Tensor], do: torch.Tensor,
 
 def bench_row(B: int, T: int, model: str, dtype_name: str, bandwidth: float, baselines: bool, recurrent: bool,
               device: torch.device, against: dict[str, ModuleType] | None = None) -> Row:
-    H, dtype = MODEL_HEADS[model], DTYPES[dtype_name]
+    H, dtype = MODEL_HEADS[model], DTYPES[dtype_name][0]
     inputs = _inputs(B, T, H, dtype, device)
     do = torch.randn(B, T, H, VALUE_DIM, device=device, dtype=dtype)
     start = time.perf_counter()  # the first calls compile (and autotune) the kernels
@@ -264,10 +268,12 @@ def warm_up(dtypes: list[str], device: torch.device) -> None:
     kernels land in Triton's cache for the timed run, which then autotunes on its own shapes quickly.
     """
     for dtype_name in dtypes:
+        dtype, precision = DTYPES[dtype_name]
         for T in (196, 600):
-            inputs = [x.requires_grad_() for x in _inputs(2, T, 3, DTYPES[dtype_name], device)]
+            inputs = [x.requires_grad_() for x in _inputs(2, T, 3, dtype, device)]
             for fn in (bigla, fla_chunk_stacked, fla_recurrent):
-                torch.autograd.grad(fn(*inputs), inputs, torch.randn_like(inputs[2]))
+                with float32_matmul_precision(precision):
+                    torch.autograd.grad(fn(*inputs), inputs, torch.randn_like(inputs[2]))
         print(f"warm-up {dtype_name} done", flush=True)
 
 
@@ -331,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models:
             for dtype_name in args.dtypes:
                 print(f"B{B} T{T} {model} {dtype_name}:", flush=True)
-                rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_baselines,
-                                      not args.no_recurrent, device, against))
+                with float32_matmul_precision(DTYPES[dtype_name][1]):
+                    rows.append(bench_row(B, T, model, dtype_name, bandwidth, not args.no_baselines,
+                                          not args.no_recurrent, device, against))
                 print("    our kernels, fwd+bwd (ms/call):",
                       {k[:40]: round(v, 4) for k, v in rows[-1].ours_kernel_ms.items()}, rows[-1].ours_configs,
                       flush=True)

@@ -1,7 +1,9 @@
 """Helpers shared by the Triton kernels of this package (import only where Triton is used)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -15,3 +17,14 @@ def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     kernels write fp32 and torch does the rounding.
     """
     return torch.empty(shape, dtype=torch.float32 if INTERPRET else dtype, device=device)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside the block, the previous setting restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -147,6 +147,19 @@ def test_autotune_search_space_and_its_overrides(monkeypatch: pytest.MonkeyPatch
         chunk._autotune_configs(stages=(1,))
 
 
+def test_fp32_products_follow_torch_float32_matmul_precision() -> None:
+    from kernels.bigla.chunk import matmul_precision
+    from kernels.triton_utils import float32_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    with float32_matmul_precision("highest"):
+        assert [matmul_precision(d) for d in cases.TOLERANCE] == ["tf32x3", "tf32", "tf32"]
+    for allowing_tf32 in ("high", "medium"):
+        with float32_matmul_precision(allowing_tf32):
+            assert matmul_precision(torch.float32) == "tf32"
+    assert torch.get_float32_matmul_precision() == before
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dispatch_runs_triton_under_autocast(dtype: torch.dtype) -> None:

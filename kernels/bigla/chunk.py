@@ -12,7 +12,8 @@ the chunk's start. Under steeper gates it instead sweeps the segment twice in st
 to left carrying R, left to right carrying S), each sub-chunk meeting the state by matrix products and the
 pairs inside it through a diagonal block, with decays that are sums of the gates of just the tokens in
 between (every exponent <= 0 except around a diagonal block's middle row, bounded there), so nothing
-overflows however steep the gates. Matrix products run on tf32 tensor cores (tf32x3 for fp32 inputs).
+overflows however steep the gates. Matrix products run on tf32 tensor cores (tf32x3 for fp32 inputs unless
+torch's float32 matmul precision allows tf32: matmul_precision).
 
 - T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
   launch per pass;
@@ -107,7 +108,7 @@ def _parse_config(item: str) -> triton.Config:
 
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
-    """a @ b on fp32 operands: tf32 tensor cores for 16-bit inputs, tf32x3 (fp32-accurate) for fp32 inputs.
+    """a @ b on fp32 operands, on tf32 tensor cores in PRECISION "tf32" or "tf32x3" (see matmul_precision).
 
     Rounding the operands to bf16 instead (decayed keys, scores, states) costs about 2e-3 relative error
     per operand, which the 5e-3 accuracy target cannot absorb; tf32 keeps 10 mantissa bits.
@@ -119,13 +120,13 @@ def _mm(a, b, PRECISION: tl.constexpr):
 def _running_sums(x, INCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """Running sums down x's rows: row t sums the rows s <= t (s >= t with REVERSE; s != t unless INCLUSIVE).
 
-    For 16-bit inputs ("tf32") a product with a 0/1 triangle on the tensor cores: a tile's rows are spread
+    In PRECISION "tf32" a product with a 0/1 triangle on the tensor cores: a tile's rows are spread
     over warps, so tl.cumsum goes through shared memory with a barrier per level, and scans held about a
     third of the backward's stall samples (NOTES.md v10). tf32 rounds each summand to 11 significant bits:
     a decay exp(-x) then carries a relative error of at most x * 2^-11, i.e. 1.8e-4 of a unit weight (x =
     1), well inside 16-bit accuracy, as long as every decay is a difference of sums taken here (a total from
-    tl.sum minus a rounded running sum would err by 2^-11 of the whole running sum). fp32 inputs keep
-    tl.cumsum's exact fp32 sums."""
+    tl.sum minus a rounded running sum would err by 2^-11 of the whole running sum). In "tf32x3" (fp32
+    inputs at torch's "highest" precision) tl.cumsum's exact fp32 sums."""
     if PRECISION == "tf32":
         t = tl.arange(0, x.shape[0])[:, None]
         s = tl.arange(0, x.shape[0])[None, :]
@@ -450,7 +451,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
 # at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6).
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
-                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY"], **AUTOTUNE_CACHE)
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
@@ -482,7 +483,7 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
                     SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
@@ -675,7 +676,7 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
 # 0.545 ms at B256 T196 H3 bf16, NOTES.md v6); the first config (1 stage) is the one that fits fp32 heads of
 # 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4, and a 168-register
 # cap (three programs per multiprocessor instead of two, 392 B of spills) 1.15x slower (NOTES.md v8).
-@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
@@ -715,7 +716,7 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
                     m_k, o_v, m_v, BT, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY"],
+@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
@@ -743,7 +744,7 @@ def _decayed_outer(x, e, y, PRECISION: tl.constexpr):
     return _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2,)), key=["T", "K", "V", "BK", "BV", "BT", "KINDS"],
+@triton.autotune(configs=_autotune_configs(stages=(2,)), key=["T", "K", "V", "BK", "BV", "BT", "KINDS", "PRECISION"],
                  **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
@@ -850,13 +851,24 @@ def _head_strided(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def matmul_precision(dtype: torch.dtype) -> str:
+    """The kernels' product precision: tf32 for 16-bit inputs. fp32 inputs follow torch's float32 matmul
+    precision, as torch.matmul does: "highest" (torch's default) runs tf32x3, fp32-accurate; "high" or
+    "medium" (torch.set_float32_matmul_precision, or torch.backends.cuda.matmul.allow_tf32 = True, which
+    timm's training script sets) runs tf32, the precision of fla's kernels on fp32 inputs, at about the
+    cost of 16-bit inputs."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
 def _kernel_args(q, k, v, g_fwd, g_bwd):
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), MAX_BLOCK_V)
     strides = [s for x in (q, k, v, g_fwd, g_bwd) for s in (x.stride(0), x.stride(1))]
-    common = dict(K=K, V=V, SEG=SEGMENT, BK=BK, BV=BV, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
+    common = dict(K=K, V=V, SEG=SEGMENT, BK=BK, BV=BV, PRECISION=matmul_precision(q.dtype))
     return B, T, H, K, V, triton.cdiv(V, BV), triton.cdiv(T, SEGMENT), strides, common
 
 
