@@ -483,8 +483,8 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
                     SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
-                 **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)),
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
@@ -676,8 +676,8 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
 # 0.545 ms at B256 T196 H3 bf16, NOTES.md v6); the first config (1 stage) is the one that fits fp32 heads of
 # 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4, and a 168-register
 # cap (three programs per multiprocessor instead of two, 392 B of spills) 1.15x slower (NOTES.md v8).
-@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
-                 **AUTOTUNE_CACHE)
+@triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)),
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
 @triton.jit
 def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
                             hf_states, hb_states, dhf_states, dhb_states,
