@@ -2,18 +2,19 @@
 
 Layout is token-major, [B, T, H, K] for q, k and the log gates, [B, T, H, V] for v, o.
 
-One program handles a segment of up to SEGMENT tokens of one (batch, head). The forward first walks the
-segment right to left in FWD_CHUNK-token steps, storing the backward state R (the keys right of each chunk)
-that enters each chunk, and finds the chunk whose gates decay most. Under mild gates (no chunk decays by
-more than CHUNK_DECAY_LIMIT in any key channel; ViG's gates decay by about 2 per chunk) it then walks
-left to right, carrying the forward state S, and each chunk's output is a few matrix products: q
-against S and R, and the chunk's own pairs as two [FWD_CHUNK, FWD_CHUNK] score matrices with decays taken against
-the chunk's start. Under steeper gates it instead sweeps the segment twice in steps of BC = 16 tokens (right
-to left carrying R, left to right carrying S), each sub-chunk meeting the state by matrix products and the
-pairs inside it through a diagonal block, with decays that are sums of the gates of just the tokens in
-between (every exponent <= 0 except around a diagonal block's middle row, bounded there), so nothing
-overflows however steep the gates. Matrix products run on tf32 tensor cores (tf32x3 for fp32 inputs unless
-torch's float32 matmul precision allows tf32: matmul_precision).
+One program handles a segment of up to SEGMENT tokens of one (batch, head), in two passes of FWD_CHUNK-token
+steps, one direction each. Under mild gates (no chunk decays by more than CHUNK_DECAY_LIMIT in any key
+channel; ViG's gates decay by about 2 per chunk) each chunk's part of o is a few matrix products: right to
+left, carrying the backward state R, its queries against R and against its own keys at or right of them (a
+[FWD_CHUNK, FWD_CHUNK] score matrix with decays taken against the chunk's end) go to fp32 scratch; left to
+right, carrying the forward state S, its queries against S and its own keys at or left of them, plus the
+scratch, make o. Each pass finds its gate's steepest chunk as it goes; where a chunk decays more steeply, the
+segment is done again in 16-token sweeps (BC; right to left carrying R, left to right carrying S), each
+sub-chunk meeting the state by matrix products and the pairs inside it through a diagonal block, with decays
+that are sums of the gates of just the tokens in between (every exponent <= 0 except around a diagonal
+block's middle row, bounded there), so nothing overflows however steep the gates. Matrix products run on
+tf32 tensor cores (tf32x3 for fp32 inputs unless torch's float32 matmul precision allows tf32:
+matmul_precision).
 
 - T <= SEGMENT (ViG at 224^2: T = 196): one program per (batch, head) covers the whole sequence, one
   launch per pass;
@@ -32,8 +33,8 @@ both directions, carrying S and dR, finishes dq, dk, dv; under steep gates 16-to
 gradients come out as prefix sums of q*dq - k*dk per direction from left to right; the part from tokens
 left of a segment equals sum_v(state * gradient state) at its left edge.
 
-Each pass is two kernels, the chunk path (with its right-to-left pass) and the sweeps, which take over the segments
-whose steep flag the first raised: in one kernel the sweeps' register pressure made the chunk path spill.
+Each pass is two kernels, the chunk path and the sweeps, which take over the segments whose steep flag the first
+raised: in one kernel the sweeps' register pressure made the chunk path spill.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ BWD_CHUNK = 16
 # products far from fp32 overflow. ViG's gates (logsigmoid(z) / 16) decay by about 0.05 per token; fp32
 # outputs at mean decays of 20-40 per chunk matched the recurrence to 2.4e-7 (interpreter, fast path forced).
 CHUNK_DECAY_LIMIT = 40.0
-FWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) tried first for the forward's chunk kernel, see there
+FWD_CHUNK_REGISTERS = 168  # register cap (maxnreg) of the forward's chunk kernel, see there
 # A diagonal sub-chunk is done with tensor cores when its total log decay is at least -DIAG_MATMUL_LIMIT
 # in every channel: exponents around its middle row then stay within +-DIAG_MATMUL_LIMIT, far from fp32
 # overflow (88). ViG's gates (logsigmoid(z) / 16) never come close; steeper gates take the exact path.
@@ -360,71 +361,72 @@ def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs,
 
 
 @triton.jit
-def _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st, bk, bv,
-                           bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v, K: tl.constexpr,
-                           V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    """Right to left over the segment's BT-token chunks: stores the backward state entering each chunk from
-    its right (fp32 scratch, rows state_row...); returns the least total log decay of a chunk, over both
-    gates and every key channel."""
+def _fwd_chunks_right_to_left(q, k, v, gb, o_bwd, hb_states, offs, m_s, q_st, k_st, v_st, gb_st, bq, bk, bv, bgb, bo,
+                              T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, BT: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward direction's half of the forward under mild gates, BT tokens per step, right to left carrying
+    the backward state R: each chunk's queries against R and against the chunk's keys at or right of them, to
+    o_bwd (fp32 scratch). Decays are taken against the chunk's end: the pair (t, s), s >= t, decays by
+    exp(Bl_t) * exp(-Bl_s), Bl the inclusive suffix sums of g_bwd, so exp(-Bl) stays below exp(limit) where
+    the caller's limit holds. Returns the least total log decay of a chunk under g_bwd: if that breaks the
+    limit, what was written here may have overflowed and the caller has the segment redone."""
     if STATES_IN_MEMORY:
         h = tl.load(hb_states + offs, mask=m_s, other=0.0)
     else:
         h = tl.zeros([BK, BV], tl.float32)
+    o_r = tl.arange(0, BT)
+    upper = o_r[:, None] <= o_r[None, :]  # the diagonal (t = s) is in both directions
     steepest = tl.zeros([BK], tl.float32)
     for j in range(0, n_chunks):
-        c = n_chunks - 1 - j
-        r0 = c0 + c * BT
-        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
-        tl.store(chunk_states + chunk_offs, h, mask=m_c)
-        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
-        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
-        gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
-        tot_f = tl.sum(_load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT), 0)
-        tot_b = tl.sum(gb_i, 0)
-        steepest = tl.minimum(steepest, tl.minimum(tot_f, tot_b))
+        r0 = c0 + (n_chunks - 1 - j) * BT
+        q_i, k_i, v_i, gb_i = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st, r0, T,
+                                              o_k, m_k, o_v, m_v, BT)
+        q_i, k_i, v_i, gb_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gb_i.to(tl.float32)
+        Bl = _running_sums(gb_i, True, True, PRECISION)  # sum_{t <= r <= i1} g_bwd
+        tot = _row(Bl, o_r, 0)  # the total Bl took, so tot - Bl sums just the (equally rounded) rows between
+        steepest = tl.minimum(steepest, tot)
+        qb = q_i * tl.exp(Bl)
+        kb = k_i * tl.exp(-Bl)
+        scores = tl.where(upper, _mm(qb, tl.trans(kb), PRECISION), 0.0)
+        _store_rows(o_bwd, bo, r0, T, HV, o_v, m_v, _mm(qb, h, PRECISION) + _mm(scores, v_i, PRECISION), BT)
         # R <- R decayed across the chunk + its keys decayed to its first token: sum_{i0 <= r < t} g_bwd
-        h = h * tl.exp(tot_b)[:, None] + _mm(tl.trans(k_i * tl.exp(tl.cumsum(gb_i, 0) - gb_i)), v_i, PRECISION)
+        h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kb * tl.exp(tot)[None, :]), v_i, PRECISION)
     return tl.min(steepest, 0)
 
 
 @triton.jit
-def _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
-                bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, K: tl.constexpr,
-                V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                STATES_IN_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    """The forward under mild gates (no chunk decays by more than the caller's limit), BT tokens per step,
-    left to right carrying the forward state S; the backward states come from _chunk_backward_states.
-
-    Within a chunk, decays are taken against its start: the forward pair (t, s), s <= t, decays by
-    exp(Fl_t) * exp(-Fl_s) and the backward pair, s >= t, by exp(Bl_t) * exp(-Bl_s), so the chunk's scores
-    are two [BT, BT] matrix products; exp(-Fl) and exp(-Bl) stay below exp(limit), far from overflow.
-    """
+def _fwd_chunks_left_to_right(q, k, v, gf, o, o_bwd, hf_states, offs, m_s, q_st, k_st, v_st, gf_st, bq, bk, bv,
+                              bgf, bo, scale, T, c0, n_chunks, HV, o_k, m_k, o_v, m_v, BT: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """The forward direction's half, left to right carrying the forward state S, after
+    _fwd_chunks_right_to_left: each chunk's queries against S and against the chunk's keys at or left of them,
+    plus o_bwd, make o. Decays are taken against the chunk's start (exp(Fl_t) * exp(-Fl_s), Fl the inclusive
+    prefix sums of g_fwd). Returns the least total log decay of a chunk under g_fwd, as the other pass does."""
     if STATES_IN_MEMORY:
         h = tl.load(hf_states + offs, mask=m_s, other=0.0)
     else:
         h = tl.zeros([BK, BV], tl.float32)
     o_r = tl.arange(0, BT)
-    lower = o_r[:, None] >= o_r[None, :]  # the diagonal (t = s) is in both directions
-    upper = o_r[:, None] <= o_r[None, :]
+    lower = o_r[:, None] >= o_r[None, :]
+    steepest = tl.zeros([BK], tl.float32)
     for c in range(0, n_chunks):
         r0 = c0 + c * BT
-        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
-        chunk_offs, m_c = _state_offsets(state_row, c, SEG // BT, o_k, m_k, o_v, m_v, K, V)
-        R = tl.load(chunk_states + chunk_offs, mask=m_c, other=0.0)
+        q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r0, T,
+                                              o_k, m_k, o_v, m_v, BT)
+        q_i, k_i, v_i, gf_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32)
+        o_b = _load_rows(o_bwd, bo, r0, T, HV, o_v, m_v, BT)
         Fl = _running_sums(gf_i, True, False, PRECISION)  # sum_{i0 <= r <= t} g_fwd
-        Bl = _running_sums(gb_i, True, True, PRECISION)  # sum_{t <= r <= i1} g_bwd
+        tot = _row(Fl, o_r, BT - 1)  # the total Fl took, so tot - Fl sums just the (equally rounded) rows between
+        steepest = tl.minimum(steepest, tot)
         qf = q_i * tl.exp(Fl)
-        qb = q_i * tl.exp(Bl)
         kf = k_i * tl.exp(-Fl)
         scores = tl.where(lower, _mm(qf, tl.trans(kf), PRECISION), 0.0)
-        scores += tl.where(upper, _mm(qb, tl.trans(k_i * tl.exp(-Bl)), PRECISION), 0.0)
-        b_o = _mm(qf, h, PRECISION) + _mm(qb, R, PRECISION) + _mm(scores, v_i, PRECISION)
+        b_o = _mm(qf, h, PRECISION) + _mm(scores, v_i, PRECISION) + o_b
         _store_rows(o, bo, r0, T, HV, o_v, m_v, b_o * scale, BT)
         # S <- S decayed across the chunk + its keys decayed to its last token: sum_{t < r <= i1} g_fwd
-        tot = _row(Fl, o_r, BT - 1)  # the total Fl took, so tot - Fl sums just the (equally rounded) rows between
         h = h * tl.exp(tot)[:, None] + _mm(tl.trans(kf * tl.exp(tot)[None, :]), v_i, PRECISION)
+    return tl.min(steepest, 0)
 
 
 @triton.jit
@@ -432,7 +434,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
                  SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """What a program of the forward or backward kernels covers: its key/value columns, where its rows start
     in the inputs, in o, do and dv (bdo) and in dq, dk and the gate gradients (bdk), its segment states
-    (offs), its first token, segment length and row of chunk states, and its steep_flags entry."""
+    (offs), its first token and segment length, and its steep_flags entry."""
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
         0, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
@@ -440,7 +442,7 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
     c0 = i_s * SEG
     flag = (i_bh * NS + i_s) * tl.num_programs(0) + i_v
     return (o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 * V, row0 * K + i_v.to(tl.int64) * split_stride, offs,
-            m_s, c0, tl.minimum(SEG, T - c0), i_bh * NS + i_s, flag)
+            m_s, c0, tl.minimum(SEG, T - c0), flag)
 
 
 
@@ -449,11 +451,12 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # (sm_90 compile, 8 warps: 312 against 64 bytes) and the forward's spilled at 2 warps (176 bytes against none).
 # The forward's chunk kernel is latency-bound, so more programs per multiprocessor pay for a few spills: at
 # 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
-# at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6).
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
+# at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6). Uncapped
+# configs never won a tuning run since, and the autotuner twice picked one that ran 1.4x slower (NOTES.md v12).
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS,)),
                  key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
+def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -461,32 +464,31 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
     """o for one segment of SEG tokens of one (batch, head) and one block of value columns, under mild gates.
 
-    First the backward states entering each BT-token chunk (right to left), which also finds the
-    steepest chunk; if no chunk decays by more than CHUNK_LIMIT in any key channel, the chunks run left
-    to right as [BT, BT] matrix products (_fwd_chunks); else the program only raises its steep flag and
-    bigla_fwd_sweeps_kernel does its segment. Inputs may be strided over batch and tokens (slices of a
-    fused projection); a head's channels are contiguous. o and the scratch (o_bwd, chunk_states) are
-    contiguous.
+    Two passes over the segment's BT-token chunks, each one direction as [BT, BT] matrix products: right to
+    left the backward direction's half of o (to o_bwd), left to right the forward direction's, which
+    completes o. Each pass finds its gate's steepest chunk; if one decays by more than CHUNK_LIMIT in any key
+    channel, the program raises its steep flag (skipping the second pass if the first found it) and
+    bigla_fwd_sweeps_kernel does the segment again. Inputs may be strided over batch and tokens (slices of a
+    fused projection); a head's channels are contiguous. o and o_bwd are contiguous.
     """
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, state_row, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
     n_chunks = tl.cdiv(seg_len, BT)
-    steepest = _chunk_backward_states(k, v, gf, gb, chunk_states, hb_states, offs, m_s, k_st, v_st, gf_st, gb_st,
-                                      bk, bv, bgf, bgb, state_row, T, c0, n_chunks, o_k, m_k, o_v, m_v,
-                                      K, V, SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
-    steep = steepest < -CHUNK_LIMIT
-    tl.store(steep_flags + flag, steep.to(tl.int32))
+    steep = _fwd_chunks_right_to_left(q, k, v, gb, o_bwd, hb_states, offs, m_s, q_st, k_st, v_st, gb_st, bq, bk, bv,
+                                      bgb, bo, T, c0, n_chunks, H * V, o_k, m_k, o_v, m_v, BT, BK, BV,
+                                      STATES_IN_MEMORY, PRECISION) < -CHUNK_LIMIT
     if not steep:
-        tl.debug_barrier()  # the chunk states written above are read back below, possibly by other threads
-        _fwd_chunks(q, k, v, gf, gb, o, hf_states, chunk_states, offs, m_s, q_st, k_st, v_st, gf_st, gb_st, bq, bk,
-                    bv, bgf, bgb, bo, state_row, scale, T, c0, n_chunks, H * V, o_k, m_k, o_v, m_v, K, V,
-                    SEG, BT, BK, BV, STATES_IN_MEMORY, PRECISION)
+        tl.debug_barrier()  # the o_bwd rows written above are read back below, possibly by other threads
+        steep = _fwd_chunks_left_to_right(q, k, v, gf, o, o_bwd, hf_states, offs, m_s, q_st, k_st, v_st, gf_st, bq,
+                                          bk, bv, bgf, bo, scale, T, c0, n_chunks, H * V, o_k, m_k, o_v, m_v, BT, BK,
+                                          BV, STATES_IN_MEMORY, PRECISION) < -CHUNK_LIMIT
+    tl.store(steep_flags + flag, steep.to(tl.int32))
 
 
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)),
                  key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
 @triton.jit
-def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags, hf_states, hb_states,
+def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
                             scale, T, NS, H,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
@@ -495,7 +497,7 @@ def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, chunk_states, steep_flags
     """o of the segments whose steep flag bigla_fwd_chunks_kernel raised, in BC-token steps whose decays
     stay exact under any gates (_fwd_sub_chunk_sweeps); the other programs return at once. Same arguments
     as bigla_fwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, _, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bo, _, offs, m_s, c0, seg_len, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, 0, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
         _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
@@ -627,7 +629,7 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
     directions at once, carrying S (forward state) and dR (gradient of the backward state) from the left
     edge (_bwd_left_edge).
 
-    As in _fwd_chunks, decays inside a chunk are taken against its start (Lf: inclusive prefix sums of
+    As in _fwd_chunks_left_to_right, decays inside a chunk are taken against its start (Lf: inclusive prefix sums of
     g_fwd, Lb: inclusive suffix sums of g_bwd), so the chunk's pairs are [BT, BT] matrix products, query t
     with key s <= t forward and s >= t backward (the diagonal in both). The scratch adds what the keys and
     queries right of the chunk contribute; _store_step_grads adds up the gate gradients.
@@ -697,7 +699,7 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     value blocks dq, dk and the gate gradients are partial sums, written split_stride apart and summed by the
     caller.
     """
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, _, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, offs, m_s, c0, seg_len, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     n_chunks = tl.cdiv(seg_len, BT)
     HK = H * K
@@ -729,7 +731,7 @@ def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
     """The backward of the segments whose steep flag bigla_bwd_chunks_kernel raised, after its right-to-left
     pass wrote their scratch: BC-token sweeps that stay exact under any gates (_bwd_sub_chunk_sweeps); the
     other programs return at once. Same arguments as bigla_bwd_chunks_kernel."""
-    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, _, _, c0, seg_len, _, flag = _segment_program(
+    o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, bdo, bdk, _, _, c0, seg_len, flag = _segment_program(
         q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K, V, SEG, BK, BV)
     if tl.load(steep_flags + flag) != 0:
         _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, hf_states,
@@ -927,13 +929,12 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     o = output_buffer((B, T, H, V), q.dtype, q.device)
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    chunk_states = torch.empty(B * H * NS, SEGMENT // FWD_CHUNK, K, V, dtype=torch.float32, device=q.device)
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
-    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, chunk_states, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
+    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
     constants = dict(BC=SUB_CHUNK, BT=FWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_fwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
