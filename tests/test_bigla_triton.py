@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import triton
 
 import bigla_triton_cases as cases
 from kernels.bigla import bigla, chunked_bigla
@@ -145,6 +146,41 @@ def test_autotune_search_space_and_its_overrides(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("VIG_BIGLA_CONFIGS", "2:1,4")
     with pytest.raises(ValueError, match="entry '4': expected warps:stages"):
         chunk._autotune_configs(stages=(1,))
+
+
+def test_autotuning_keys_tell_batch_sizes_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config tuned on a small launch must not serve a large one (the disk cache keeps it across processes):
+    every autotuned kernel's key includes the launch's program count, which its other keys (T, head sizes,
+    dtypes) do not see. The launches are recorded, not run."""
+    from kernels.bigla import chunk
+
+    launched = ("bigla_fwd_chunks_kernel", "bigla_fwd_sweeps_kernel", "bigla_bwd_chunks_kernel",
+                "bigla_bwd_sweeps_kernel", "bigla_segment_states_kernel", "bigla_combine_states_kernel")
+    tuning_keys: dict[tuple[str, int], set[tuple]] = {}  # (kernel, batch) -> its keys at that batch
+    batch = 0
+
+    class RecordedLaunch:
+        def __init__(self, name: str) -> None:
+            self.name, self.kernel = name, getattr(chunk, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs) -> None:
+                if isinstance(self.kernel, triton.runtime.Autotuner):
+                    named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+                    keys = tuning_keys.setdefault((self.name, batch), set())
+                    keys.add(tuple(named[key] for key in self.kernel.keys))
+            return launch
+
+    for name in launched:
+        monkeypatch.setattr(chunk, name, RecordedLaunch(name))
+    for batch in (1, 256):
+        inputs = [x.detach() for x in cases.make_inputs(cases.Case(batch, 300, 3, 32, 64, torch.bfloat16, "vig"),
+                                                        "cpu")[0]]
+        chunk.chunk_bigla_fwd(*inputs, 0.25)
+        chunk.chunk_bigla_bwd(*inputs, torch.ones_like(inputs[2]), 0.25)
+    assert sorted(tuning_keys) == sorted((name, b) for name in launched[:5] for b in (1, 256))
+    for name in launched[:5]:
+        assert not tuning_keys[name, 1] & tuning_keys[name, 256], (name, tuning_keys[name, 1])
 
 
 def test_fp32_products_follow_torch_float32_matmul_precision() -> None:

@@ -107,6 +107,15 @@ def _parse_config(item: str) -> triton.Config:
     return triton.Config({}, num_warps=warps, num_stages=stages, maxnreg=cap[0] if cap else None)
 
 
+def tuning_programs(programs: int) -> int:
+    """What the autotuning keys know of a launch's size (the kernels' PROGRAMS argument, otherwise unused): its
+    program count rounded up to a power of two. The best config depends on how many programs share the GPU (a
+    lone program runs fastest with more registers per thread, a full wave with fewer), and no other key sees the
+    batch: without this, a config tuned on a batch of one and cached on disk served batch 256 too, 1.4x slower
+    (NOTES.md v12)."""
+    return triton.next_power_of_2(programs)
+
+
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
     """a @ b on fp32 operands, on tf32 tensor cores in PRECISION "tf32" or "tf32x3" (see matmul_precision).
@@ -452,13 +461,13 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # The forward's chunk kernel is latency-bound, so more programs per multiprocessor pay for a few spills: at
 # 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
 # at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6). Uncapped
-# configs never won a tuning run since, and the autotuner twice picked one that ran 1.4x slower (NOTES.md v12).
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS,)),
-                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
-@triton.jit
+# configs stay in the search for small launches (a lone program has the multiprocessor to itself).
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                            scale, T, NS, H,
+                            scale, T, NS, H, PROGRAMS,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
@@ -486,11 +495,11 @@ def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, h
 
 
 @triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4)),
-                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
-@triton.jit
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_fwd_sweeps_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, hb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                            scale, T, NS, H,
+                            scale, T, NS, H, PROGRAMS,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
@@ -679,12 +688,12 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
 # 128 channels in shared memory (3 stages would need 295 KB). 8 warps ran 1.8x slower than 4, and a 168-register
 # cap (three programs per multiprocessor instead of two, 392 B of spills) 1.15x slower (NOTES.md v8).
 @triton.autotune(configs=_autotune_configs(stages=(1, 3), warps=(4,)),
-                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"], **AUTOTUNE_CACHE)
-@triton.jit
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
                             hf_states, hb_states, dhf_states, dhb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                            scale, T, NS, H, split_stride,
+                            scale, T, NS, H, split_stride, PROGRAMS,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
@@ -718,13 +727,13 @@ def bigla_bwd_chunks_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, d
                     m_k, o_v, m_v, BT, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(1,)), key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION"],
-                 **AUTOTUNE_CACHE)
-@triton.jit
+@triton.autotune(configs=_autotune_configs(stages=(1,)),
+                 key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_bwd_sweeps_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags,
                             hf_states, hb_states, dhf_states, dhb_states,
                             q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st,
-                            scale, T, NS, H, split_stride,
+                            scale, T, NS, H, split_stride, PROGRAMS,
                             K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BC: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
                             LIMIT: tl.constexpr, CHUNK_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
@@ -746,11 +755,11 @@ def _decayed_outer(x, e, y, PRECISION: tl.constexpr):
     return _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2,)), key=["T", "K", "V", "BK", "BV", "BT", "KINDS", "PRECISION"],
-                 **AUTOTUNE_CACHE)
-@triton.jit
+@triton.autotune(configs=_autotune_configs(stages=(2,)),
+                 key=["T", "K", "V", "BK", "BV", "BT", "KINDS", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
-                                q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H,
+                                q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H, PROGRAMS,
                                 K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
                                 BK: tl.constexpr, BV: tl.constexpr, KINDS: tl.constexpr, PRECISION: tl.constexpr):
     """One segment's own contribution to one [BK, BV] tile of each of KINDS states (its tokens from a zero
@@ -883,8 +892,10 @@ def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) ->
     log_decay = torch.empty(2, B * H, NS, K, dtype=torch.float32, device=q.device)
     BK, BV = state_tile(B * H * NS, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    bigla_segment_states_kernel[(tiles * NS, B * H)](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
-                                                     BT=SCAN_CHUNK, KINDS=kinds, **{**common, "BK": BK, "BV": BV})
+    grid = (tiles * NS, B * H)
+    bigla_segment_states_kernel[grid](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
+                                      tuning_programs(grid[0] * grid[1]), BT=SCAN_CHUNK, KINDS=kinds,
+                                      **{**common, "BK": BK, "BV": BV})
     states = torch.empty_like(local)
     BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
@@ -934,11 +945,13 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
     else:
         hf = hb = o_bwd  # not read
-    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H)
+    grid = (NV, NS, B * H)
+    args = (q, k, v, g_fwd, g_bwd, o, o_bwd, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H,
+            tuning_programs(NV * NS * B * H))
     constants = dict(BC=SUB_CHUNK, BT=FWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
-    bigla_fwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
-    bigla_fwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
+    bigla_fwd_chunks_kernel[grid](*args, **constants)
+    bigla_fwd_sweeps_kernel[grid](*args, **constants)
     return o.to(q.dtype)
 
 
@@ -960,12 +973,13 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds=4)
     else:
         hf = hb = dhf = dhb = dv_fwd  # not read
+    grid = (NV, NS, B * H)
     args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags, hf, hb, dhf, dhb,
-            *strides, 0.5 * scale, T, NS, H, B * T * H * K)
+            *strides, 0.5 * scale, T, NS, H, B * T * H * K, tuning_programs(NV * NS * B * H))
     constants = dict(BC=SUB_CHUNK, BT=BWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
-    bigla_bwd_chunks_kernel[(NV, NS, B * H)](*args, **constants)
-    bigla_bwd_sweeps_kernel[(NV, NS, B * H)](*args, **constants)
+    bigla_bwd_chunks_kernel[grid](*args, **constants)
+    bigla_bwd_sweeps_kernel[grid](*args, **constants)
     if NV > 1:
         dq, dk, dgf, dgb = (x.sum(0) for x in (dq, dk, dgf, dgb))
     return tuple(x.to(ref.dtype) for x, ref in ((dq, q), (dk, k), (dv, v), (dgf, g_fwd), (dgb, g_bwd)))
