@@ -271,8 +271,8 @@ def warm_up(dtypes: list[str], device: torch.device) -> None:
         dtype, precision = DTYPES[dtype_name]
         for T in (196, 600):
             inputs = [x.requires_grad_() for x in _inputs(2, T, 3, dtype, device)]
-            for fn in (bigla, fla_chunk_stacked, fla_recurrent):
-                with float32_matmul_precision(precision):
+            with float32_matmul_precision(precision):
+                for fn in (bigla, fla_chunk_stacked, fla_recurrent):
                     torch.autograd.grad(fn(*inputs), inputs, torch.randn_like(inputs[2]))
         print(f"warm-up {dtype_name} done", flush=True)
 

@@ -157,7 +157,6 @@ def test_autotuning_keys_tell_batch_sizes_apart(monkeypatch: pytest.MonkeyPatch)
     launched = ("bigla_fwd_chunks_kernel", "bigla_fwd_sweeps_kernel", "bigla_bwd_chunks_kernel",
                 "bigla_bwd_sweeps_kernel", "bigla_segment_states_kernel", "bigla_combine_states_kernel")
     tuning_keys: dict[tuple[str, int], set[tuple]] = {}  # (kernel, batch) -> its keys at that batch
-    batch = 0
 
     class RecordedLaunch:
         def __init__(self, name: str) -> None:
