@@ -866,8 +866,8 @@ def matmul_precision(dtype: torch.dtype) -> str:
     """The kernels' product precision: tf32 for 16-bit inputs. fp32 inputs follow torch's float32 matmul
     precision, as torch.matmul does: "highest" (torch's default) runs tf32x3, fp32-accurate; "high" or
     "medium" (torch.set_float32_matmul_precision, or torch.backends.cuda.matmul.allow_tf32 = True, which
-    timm's training script sets) runs tf32, the precision of fla's kernels on fp32 inputs, at about the
-    cost of 16-bit inputs."""
+    timm's training script sets) runs tf32, the precision of fla's kernels on fp32 inputs: at ViG-T's shape
+    2.1x faster than tf32x3 in forward + backward, 1.4x slower than bf16 inputs (H200, NOTES.md v12)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
