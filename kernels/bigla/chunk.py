@@ -386,11 +386,13 @@ def _fwd_chunks_right_to_left(q, k, v, gb, o_bwd, hb_states, offs, m_s, q_st, k_
     o_r = tl.arange(0, BT)
     upper = o_r[:, None] <= o_r[None, :]  # the diagonal (t = s) is in both directions
     steepest = tl.zeros([BK], tl.float32)
+    q_n, k_n, v_n, g_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
+                                         c0 + (n_chunks - 1) * BT, T, o_k, m_k, o_v, m_v, BT)
     for j in range(0, n_chunks):
         r0 = c0 + (n_chunks - 1 - j) * BT
-        q_i, k_i, v_i, gb_i = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st, r0, T,
-                                              o_k, m_k, o_v, m_v, BT)
-        q_i, k_i, v_i, gb_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gb_i.to(tl.float32)
+        q_i, k_i, v_i, gb_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32), g_n.to(tl.float32)
+        q_n, k_n, v_n, g_n = _step_tiles_raw(q, k, v, gb, bq, bk, bv, bgb, q_st, k_st, v_st, gb_st,
+                                             tl.maximum(r0 - BT, c0), T, o_k, m_k, o_v, m_v, BT)
         Bl = _running_sums(gb_i, True, True, PRECISION)  # sum_{t <= r <= i1} g_bwd
         tot = _row(Bl, o_r, 0)  # the total Bl took, so tot - Bl sums just the (equally rounded) rows between
         steepest = tl.minimum(steepest, tot)
@@ -419,12 +421,17 @@ def _fwd_chunks_left_to_right(q, k, v, gf, o, o_bwd, hf_states, offs, m_s, q_st,
     o_r = tl.arange(0, BT)
     lower = o_r[:, None] >= o_r[None, :]
     steepest = tl.zeros([BK], tl.float32)
+    q_n, k_n, v_n, g_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, c0, T,
+                                         o_k, m_k, o_v, m_v, BT)
+    ob_n = _load_rows(o_bwd, bo, c0, T, HV, o_v, m_v, BT)
     for c in range(0, n_chunks):
         r0 = c0 + c * BT
-        q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r0, T,
-                                              o_k, m_k, o_v, m_v, BT)
-        q_i, k_i, v_i, gf_i = q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32)
-        o_b = _load_rows(o_bwd, bo, r0, T, HV, o_v, m_v, BT)
+        r_next = tl.minimum(r0 + BT, c0 + (n_chunks - 1) * BT)
+        q_i, k_i, v_i, gf_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32), g_n.to(tl.float32)
+        o_b = ob_n
+        q_n, k_n, v_n, g_n = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r_next, T,
+                                             o_k, m_k, o_v, m_v, BT)
+        ob_n = _load_rows(o_bwd, bo, r_next, T, HV, o_v, m_v, BT)
         Fl = _running_sums(gf_i, True, False, PRECISION)  # sum_{i0 <= r <= t} g_fwd
         tot = _row(Fl, o_r, BT - 1)  # the total Fl took, so tot - Fl sums just the (equally rounded) rows between
         steepest = tl.minimum(steepest, tot)
