@@ -465,11 +465,12 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
 # The forward and the backward are each two kernels, the chunk path and the sweeps, so that each gets its own
 # register allocation: in one kernel with the sweeps, the backward's chunk path spilled five times as much
 # (sm_90 compile, 8 warps: 312 against 64 bytes) and the forward's spilled at 2 warps (176 bytes against none).
-# The forward's chunk kernel is latency-bound, so more programs per multiprocessor pay for a few spills: at
-# 168 registers six programs of 2 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (four
-# at the 255 the compiler picks); 0.144 against 0.176 ms on an H100 (B256 T196 H3 bf16, NOTES.md v6). Uncapped
-# configs stay in the search for small launches (a lone program has the multiprocessor to itself).
-@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(2, 4), register_caps=(FWD_CHUNK_REGISTERS, None)),
+# The forward's chunk kernel is latency-bound, so more warps per multiprocessor pay for a few spills: at 168
+# registers three programs of 4 warps fit in the 65,536 registers of an sm_80/sm_90 multiprocessor (two at
+# the 244 the compiler picks). With each step's tiles loaded a step ahead, 4 warps at the cap ran 0.096 ms
+# against 0.139 at 2 warps, where the prefetched tiles spill 1.9 KB (H200, B256 T196 H3 bf16, NOTES.md v13).
+# Uncapped configs stay in the search for small launches (a lone program has the multiprocessor to itself).
+@triton.autotune(configs=_autotune_configs(stages=(1,), warps=(4, 2), register_caps=(FWD_CHUNK_REGISTERS, None)),
                  key=["T", "K", "V", "BT", "STATES_IN_MEMORY", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_fwd_chunks_kernel(q, k, v, gf, gb, o, o_bwd, steep_flags, hf_states, hb_states,
