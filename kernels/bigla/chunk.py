@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -904,7 +905,7 @@ def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) ->
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
     grid = (tiles * NS, B * H)
     bigla_segment_states_kernel[grid](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
-                                      tuning_programs(grid[0] * grid[1]), BT=SCAN_CHUNK, KINDS=kinds,
+                                      tuning_programs(math.prod(grid)), BT=SCAN_CHUNK, KINDS=kinds,
                                       **{**common, "BK": BK, "BV": BV})
     states = torch.empty_like(local)
     BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
@@ -957,7 +958,7 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         hf = hb = o_bwd  # not read
     grid = (NV, NS, B * H)
     args = (q, k, v, g_fwd, g_bwd, o, o_bwd, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H,
-            tuning_programs(NV * NS * B * H))
+            tuning_programs(math.prod(grid)))
     constants = dict(BC=SUB_CHUNK, BT=FWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_fwd_chunks_kernel[grid](*args, **constants)
@@ -985,7 +986,7 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
         hf = hb = dhf = dhb = dv_fwd  # not read
     grid = (NV, NS, B * H)
     args = (q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fwd, steep_flags, hf, hb, dhf, dhb,
-            *strides, 0.5 * scale, T, NS, H, B * T * H * K, tuning_programs(NV * NS * B * H))
+            *strides, 0.5 * scale, T, NS, H, B * T * H * K, tuning_programs(math.prod(grid)))
     constants = dict(BC=SUB_CHUNK, BT=BWD_CHUNK, STATES_IN_MEMORY=NS > 1, LIMIT=DIAG_MATMUL_LIMIT,
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_bwd_chunks_kernel[grid](*args, **constants)
