@@ -18,7 +18,8 @@ time of the kernels each call launches (torch.profiler), what a CUDA graph or a 
 For kernel work, `--against old.py [...]` also times other versions of kernels/bigla/chunk.py (e.g.
 `git show REV:kernels/bigla/chunk.py > old.py`) beside this checkout's, on the same inputs in the same
 process: chunk_bigla_fwd and chunk_bigla_bwd from the host and their kernels' device time, and how far
-their outputs and gradients are from ours.
+their outputs and gradients are from ours. A version whose forward keeps the segment-edge states for its
+backward gets them; compare such versions with older ones by forward + backward.
 """
 from __future__ import annotations
 
@@ -169,10 +170,15 @@ def time_versions(versions: dict[str, ModuleType], inputs: list[torch.Tensor], d
         def fwd(module=module):
             return module.chunk_bigla_fwd(*inputs, scale)
 
-        def bwd(module=module):
-            return module.chunk_bigla_bwd(*inputs, do, scale)
+        o = fwd()
+        # Versions since v16 return (o, edge_states) and take the edge states back; older ones recompute them.
+        saved = o[1:] if isinstance(o, tuple) else ()
+        o = o[0] if isinstance(o, tuple) else o
 
-        outputs = [x.float() for x in (fwd(), *bwd())]
+        def bwd(module=module, saved=saved):
+            return module.chunk_bigla_bwd(*inputs, do, scale, *saved)
+
+        outputs = [x.float() for x in (o, *bwd())]
         first = outputs if first is None else first
         rel_diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outputs, first))
         timings[source] = VersionTiming(source, host_ms(fwd), host_ms(bwd), device_ms(fwd), device_ms(bwd),

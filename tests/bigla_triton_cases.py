@@ -146,10 +146,11 @@ def relative_errors(case: Case, device: str) -> dict[str, float]:
 
 
 def check_opcheck(device: str) -> None:
-    """torch.library.opcheck: fake impl, autograd registration, AOT dispatch all agree with the kernels."""
-    case = Case(1, 8, 1, 16, 32, torch.float32, "vig")
-    inputs, _ = make_inputs(case, device)
-    torch.library.opcheck(torch.ops.vig_kernels.bigla.default, (*inputs, 0.25))
+    """torch.library.opcheck: fake impl, autograd registration, AOT dispatch all agree with the kernels, for one
+    segment (no edge states: an empty second output) and for two."""
+    for T in (8, 260):
+        inputs, _ = make_inputs(Case(1, T, 1, 16, 32, torch.float32, "vig"), device)
+        torch.library.opcheck(torch.ops.vig_kernels.bigla.default, (*inputs, 0.25))
 
 
 def check_compile(device: str) -> float:

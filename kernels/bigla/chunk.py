@@ -25,7 +25,8 @@ matmul_precision).
   on its own: few sequences (a 2048^2 image has B * H = 12 at batch 4) are split into small tiles to
   keep the GPU busy, many keep whole states (fewer redundant loads).
 
-The backward pass recomputes those states (nothing but the inputs is saved). It first walks right to left
+The backward takes the forward's states at the segments' edges (chunk_bigla_fwd returns them) and scans only
+their gradients the same way; every state inside a segment is recomputed. It first walks right to left
 in BWD_CHUNK-token steps carrying R and dS (the gradient of the forward state), writing to fp32 scratch
 the parts of the gradients that need them (the backward direction's dq, the forward direction's dk and dv);
 that is exact under any gates. Under mild gates one left-to-right pass of chunk-sized matrix products for
@@ -314,6 +315,16 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
 
 
 @triton.jit
+def _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st, v_st, gf_st, gb_st, r0, T, HV,
+                        o_k, m_k, o_v, m_v, NROWS: tl.constexpr):
+    """The q, k, v, g_fwd, g_bwd and do tiles of the NROWS tokens from r0, in their own dtypes."""
+    q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r0, T,
+                                          o_k, m_k, o_v, m_v, NROWS)
+    return (q_i, k_i, v_i, gf_i, _load_raw(gb, bgb, r0, T, gb_st, o_k, m_k, NROWS),
+            _load_raw(do, bdo, r0, T, HV, o_v, m_v, NROWS))
+
+
+@triton.jit
 def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
                           gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, n_sub, HV, o_k, m_k, o_v, m_v,
                           BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATES_IN_MEMORY: tl.constexpr,
@@ -561,11 +572,17 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
         R = tl.zeros([BK, BV], tl.float32)
         dS = tl.zeros([BK, BV], tl.float32)
     steepest = tl.zeros([BK], tl.float32)
+    # Each step's tiles are loaded one step ahead, as in the forward; the last prefetch re-reads a valid tile.
+    q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st,
+                                                          v_st, gf_st, gb_st, c0 + (n_steps - 1) * NROWS, T, HV,
+                                                          o_k, m_k, o_v, m_v, NROWS)
     for j in range(0, n_steps):
         r0 = c0 + (n_steps - 1 - j) * NROWS
-        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, NROWS)
-        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, NROWS)
+        q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
+        gf_i, gb_i, do_i = gf_n.to(tl.float32), gb_n.to(tl.float32), do_n.to(tl.float32)
+        q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st,
+                                                              k_st, v_st, gf_st, gb_st, tl.maximum(r0 - NROWS, c0), T,
+                                                              HV, o_k, m_k, o_v, m_v, NROWS)
         Fl = _running_sums(gf_i, True, False, PRECISION)
         tot_f = _row(Fl, tl.arange(0, NROWS), NROWS - 1)  # the sum Fl took, so tot_f - Fl sums the rows between
         tot_b = tl.sum(gb_i, 0)
@@ -657,11 +674,17 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
     o_r = tl.arange(0, BT)
     lower = o_r[:, None] >= o_r[None, :]
     upper = o_r[:, None] <= o_r[None, :]
+    q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st,
+                                                          v_st, gf_st, gb_st, c0, T, HV, o_k, m_k, o_v, m_v, BT)
     for c in range(0, n_chunks):
         r0 = c0 + c * BT
-        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
-                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
-        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
+        q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
+        gf_i, gb_i, do_i = gf_n.to(tl.float32), gb_n.to(tl.float32), do_n.to(tl.float32)
+        # The scratch rows are not loaded ahead: with them the kernel spilled 352 B instead of 92 (sm_90a, 4 warps).
+        q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st,
+                                                              k_st, v_st, gf_st, gb_st,
+                                                              tl.minimum(r0 + BT, c0 + (n_chunks - 1) * BT), T, HV,
+                                                              o_k, m_k, o_v, m_v, BT)
         Lf = _running_sums(gf_i, True, False, PRECISION)
         Lb = _running_sums(gb_i, True, True, PRECISION)
         # The totals as Lf and Lb took them, so a decay tot - L sums just the (equally rounded) rows between
@@ -766,25 +789,30 @@ def _decayed_outer(x, e, y, PRECISION: tl.constexpr):
     return _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(stages=(2,)),
-                 key=["T", "K", "V", "BK", "BV", "BT", "KINDS", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
+# Uncapped, the kernel takes 251-255 registers (two programs of 4 warps per multiprocessor), and like the chunk
+# kernels it is latency-bound; the caps trade spills (48-144 B at 168, 350-570 B at 128: sm_90a compiles) for
+# more programs in flight. Not yet timed on a GPU: the autotuner decides.
+@triton.autotune(configs=_autotune_configs(stages=(2,), register_caps=(None, 168, 128)),
+                 key=["T", "K", "V", "BK", "BV", "BT", "FIRST_KIND", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["PROGRAMS"])
 def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
                                 q_sb, q_st, k_sb, k_st, v_sb, v_st, gf_sb, gf_st, gb_sb, gb_st, T, NS, H, PROGRAMS,
                                 K: tl.constexpr, V: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
-                                BK: tl.constexpr, BV: tl.constexpr, KINDS: tl.constexpr, PRECISION: tl.constexpr):
-    """One segment's own contribution to one [BK, BV] tile of each of KINDS states (its tokens from a zero
-    state) into local[kind, batch*head, segment], and the sum of the segment's gates per key channel into
-    log_decay (with the first value block). Axis 0 picks the tile and the segment, axis 1 the batch*head.
-    Kinds: 0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k, v, g_bwd, right to
-    left, exclusive); with KINDS = 4 also 2 gradient of the forward state (q, do, g_fwd, right to left,
-    inclusive), 3 gradient of the backward state (q, do, g_bwd, left to right, inclusive). Kinds 2 and 3 decay
-    by the gates of kinds 0 and 1, so log_decay has two rows.
+                                BK: tl.constexpr, BV: tl.constexpr, FIRST_KIND: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    """One segment's own contribution to one [BK, BV] tile of two states, kinds FIRST_KIND and FIRST_KIND + 1 (its
+    tokens from a zero state), into local[kind - FIRST_KIND, batch*head, segment], and the sum of the segment's
+    gates per key channel into log_decay (with the first value block). Axis 0 picks the tile and the segment,
+    axis 1 the batch*head. Kinds: 0 forward state (k, v, g_fwd, left to right, exclusive), 1 backward state (k,
+    v, g_bwd, right to left, exclusive), the forward pass's; 2 gradient of the forward state (q, do, g_fwd,
+    right to left, inclusive), 3 gradient of the backward state (q, do, g_bwd, left to right, inclusive), the
+    backward's (kinds 0 and 1 come from the forward, see chunk_bigla_fwd). Kinds 2 and 3 decay by the gates of
+    kinds 0 and 1, so log_decay has two rows.
 
-    The segment's tiles are read once for all kinds, walking left to right in BT-token steps: the
-    left-to-right kinds are carried (decayed across each step, then the step's terms added), the
-    right-to-left kinds are sums whose terms decay by the gates between the segment's start and the token;
-    every exponent is <= 0. Every segment runs in parallel; do is contiguous."""
+    The segment's tiles are read once for both kinds, walking left to right in BT-token steps: the
+    left-to-right kind is carried (decayed across each step, then the step's terms added), the right-to-left
+    kind is a sum whose terms decay by the gates between the segment's start and the token; every exponent
+    is <= 0. Every segment runs in parallel; do is contiguous."""
     i_tn, i_bh = tl.program_id(0), tl.program_id(1)
     NKB: tl.constexpr = (K + BK - 1) // BK
     NTILES: tl.constexpr = NKB * ((V + BV - 1) // BV)
@@ -793,50 +821,47 @@ def bigla_segment_states_kernel(q, k, v, do, gf, gb, local, log_decay,
     o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 = _program_offsets(
         i_k, i_v, i_bh, T, H, q_sb, k_sb, v_sb, gf_sb, gb_sb, K, V, BK, BV)
     bdo = row0 * V
-    h_fwd = tl.zeros([BK, BV], tl.float32)
-    h_bwd = tl.zeros([BK, BV], tl.float32)
-    dh_fwd = tl.zeros([BK, BV], tl.float32)
-    dh_bwd = tl.zeros([BK, BV], tl.float32)
+    first = tl.zeros([BK, BV], tl.float32)  # kind FIRST_KIND
+    second = tl.zeros([BK, BV], tl.float32)  # kind FIRST_KIND + 1
     before_f = tl.zeros([BK], tl.float32)  # sums of the segment's gates left of the step
     before_b = tl.zeros([BK], tl.float32)
     for c in range(0, SEG // BT):
         r0 = i_n * SEG + c * BT
-        k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
-        v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
         gf_i = _load_rows(gf, bgf, r0, T, gf_st, o_k, m_k, BT)
         gb_i = _load_rows(gb, bgb, r0, T, gb_st, o_k, m_k, BT)
         prefix_f = _running_sums(gf_i, True, False, PRECISION)  # inclusive, within the step
         tot_f = _row(prefix_f, tl.arange(0, BT), BT - 1)  # as prefix_f took it: tot_f - prefix_f sums rows between
         tot_b = tl.sum(gb_i, 0)
-        h_fwd = h_fwd * tl.exp(tot_f)[:, None] + _decayed_outer(k_i, tot_f[None, :] - prefix_f, v_i, PRECISION)
-        h_bwd += _decayed_outer(k_i, before_b[None, :] + _running_sums(gb_i, False, False, PRECISION), v_i, PRECISION)
-        if KINDS == 4:
+        if FIRST_KIND == 0:
+            k_i = _load_rows(k, bk, r0, T, k_st, o_k, m_k, BT)
+            v_i = _load_rows(v, bv, r0, T, v_st, o_v, m_v, BT)
+            first = first * tl.exp(tot_f)[:, None] + _decayed_outer(k_i, tot_f[None, :] - prefix_f, v_i, PRECISION)
+            second += _decayed_outer(k_i, before_b[None, :] + _running_sums(gb_i, False, False, PRECISION), v_i,
+                                     PRECISION)
+        else:
             q_i = _load_rows(q, bq, r0, T, q_st, o_k, m_k, BT)
             do_i = _load_rows(do, bdo, r0, T, H * V, o_v, m_v, BT)
-            dh_fwd += _decayed_outer(q_i, before_f[None, :] + prefix_f, do_i, PRECISION)
-            dh_bwd = dh_bwd * tl.exp(tot_b)[:, None] + _decayed_outer(q_i, _running_sums(gb_i, True, True, PRECISION),
+            first += _decayed_outer(q_i, before_f[None, :] + prefix_f, do_i, PRECISION)
+            second = second * tl.exp(tot_b)[:, None] + _decayed_outer(q_i, _running_sums(gb_i, True, True, PRECISION),
                                                                       do_i, PRECISION)
         before_f += tot_f
         before_b += tot_b
     B_H = tl.num_programs(1)
     offs, m_s = _state_offsets(i_bh, i_n, NS, o_k, m_k, o_v, m_v, K, V)
     kind_stride = B_H.to(tl.int64) * NS * K * V
-    tl.store(local + offs, h_fwd, mask=m_s)
-    tl.store(local + kind_stride + offs, h_bwd, mask=m_s)
+    tl.store(local + offs, first, mask=m_s)
+    tl.store(local + kind_stride + offs, second, mask=m_s)
     decay_offs = (i_bh.to(tl.int64) * NS + i_n) * K + o_k
     decay_stride = B_H.to(tl.int64) * NS * K
     if i_v == 0:
         tl.store(log_decay + decay_offs, before_f, mask=m_k)
         tl.store(log_decay + decay_stride + decay_offs, before_b, mask=m_k)
-    if KINDS == 4:
-        tl.store(local + 2 * kind_stride + offs, dh_fwd, mask=m_s)
-        tl.store(local + 3 * kind_stride + offs, dh_bwd, mask=m_s)
 
 
 @triton.jit
 def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                BV: tl.constexpr):
-    """The state entering every segment, for one [BK, BV] tile of one kind (axis 2, numbered as in
+                                BV: tl.constexpr, FIRST_KIND: tl.constexpr):
+    """The state entering every segment, for one [BK, BV] tile of one kind (FIRST_KIND + axis 2, numbered as in
     bigla_segment_states_kernel) of one batch*head: h <- diag(exp(log_decay[kind % 2, n])) h + local[n],
     segment after segment in the kind's direction; each step's inputs are loaded one step ahead."""
     i_kv, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -847,8 +872,8 @@ def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     i_dbh = i_d * tl.num_programs(1) + i_bh
-    decay_row = (i_d % 2) * tl.num_programs(1) + i_bh
-    left_to_right = (i_d == 0) | (i_d == 3)
+    decay_row = i_d * tl.num_programs(1) + i_bh  # the kind's gate: its number mod 2
+    left_to_right = (i_d + FIRST_KIND == 0) | (i_d + FIRST_KIND == 3)
     n = tl.where(left_to_right, 0, NS - 1)
     step = tl.where(left_to_right, 1, -1)
     offs, m_s = _state_offsets(i_dbh, n, NS, o_k, m_k, o_v, m_v, K, V)
@@ -894,24 +919,26 @@ def _kernel_args(q, k, v, g_fwd, g_bwd):
     return B, T, H, K, V, triton.cdiv(V, BV), triton.cdiv(T, SEGMENT), strides, common
 
 
-def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds: int) -> list[torch.Tensor]:
-    """The states entering every segment, fp32 [B * H, NS, K, V] each: 2 kinds (forward pass) or 4
-    (backward). Two launches: every segment's own contribution in parallel, then a short scan over the
-    segments that combines them (NS steps instead of T / SCAN_CHUNK)."""
+def _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, first_kind: int) -> torch.Tensor:
+    """The states entering every segment, fp32 [2, B * H, NS, K, V]: the forward and backward states
+    (first_kind 0, the forward pass) or their gradients (first_kind 2, the backward pass). Two launches: every
+    segment's own contribution in parallel, then a short scan over the segments that combines them (NS steps
+    instead of T / SCAN_CHUNK)."""
     B, K, V = q.shape[0], common["K"], common["V"]
-    local = torch.empty(kinds, B * H, NS, K, V, dtype=torch.float32, device=q.device)
+    local = torch.empty(2, B * H, NS, K, V, dtype=torch.float32, device=q.device)
     log_decay = torch.empty(2, B * H, NS, K, dtype=torch.float32, device=q.device)
     BK, BV = state_tile(B * H * NS, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
     grid = (tiles * NS, B * H)
     bigla_segment_states_kernel[grid](q, k, v, do, g_fwd, g_bwd, local, log_decay, *strides, T, NS, H,
-                                      tuning_programs(math.prod(grid)), BT=SCAN_CHUNK, KINDS=kinds,
+                                      tuning_programs(math.prod(grid)), BT=SCAN_CHUNK, FIRST_KIND=first_kind,
                                       **{**common, "BK": BK, "BV": BV})
     states = torch.empty_like(local)
-    BK, BV = state_tile(B * H * kinds, common["BK"], common["BV"], q.device)
+    BK, BV = state_tile(B * H * 2, common["BK"], common["BV"], q.device)
     tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    bigla_combine_states_kernel[(tiles, B * H, kinds)](local, log_decay, states, NS, K=K, V=V, BK=BK, BV=BV)
-    return list(states.unbind(0))
+    bigla_combine_states_kernel[(tiles, B * H, 2)](local, log_decay, states, NS, K=K, V=V, BK=BK, BV=BV,
+                                                   FIRST_KIND=first_kind)
+    return states
 
 
 MIN_STATE_TILE = 16  # tl.dot's smallest operand side
@@ -941,9 +968,20 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def edge_states_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, ...] | None:
+    """Shape of the segment-edge states chunk_bigla_fwd returns for these inputs: None for T <= SEGMENT (one
+    segment, nothing to keep), else [2 (forward, backward state), B * H, segments, K, V], fp32."""
+    B, T, H, K = q.shape
+    NS = triton.cdiv(T, SEGMENT)
+    return None if NS == 1 else (2, B * H, NS, K, v.shape[-1])
+
+
 def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    """BiGLA forward with Triton: o = scale/2 * q (S + R), o in q's dtype, contiguous.
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BiGLA forward with Triton: o = scale/2 * q (S + R), o in q's dtype, contiguous; and, for T > SEGMENT, the
+    forward and backward states entering every segment (edge_states_shape), which chunk_bigla_bwd takes instead
+    of scanning them again: 2 * K * V fp32 per SEGMENT tokens and head, a sixth of what q, k, v and the gates
+    take in bf16 at ViG's heads (K = 32, V = 64); the states inside a segment are recomputed.
 
     q, k, v share one dtype (fp32, bf16 or fp16); the gates may have any float dtype (read as fp32).
     """
@@ -953,8 +991,10 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     o_bwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
-        hf, hb = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, kinds=2)
+        edge_states = _states(q, k, v, q, g_fwd, g_bwd, strides, T, NS, H, common, first_kind=0)
+        hf, hb = edge_states.unbind(0)
     else:
+        edge_states = None
         hf = hb = o_bwd  # not read
     grid = (NV, NS, B * H)
     args = (q, k, v, g_fwd, g_bwd, o, o_bwd, steep_flags, hf, hb, *strides, 0.5 * scale, T, NS, H,
@@ -963,13 +1003,28 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
                      CHUNK_LIMIT=CHUNK_DECAY_LIMIT, **common)
     bigla_fwd_chunks_kernel[grid](*args, **constants)
     bigla_fwd_sweeps_kernel[grid](*args, **constants)
-    return o.to(q.dtype)
+    return o.to(q.dtype), edge_states
+
+
+def _check_edge_states(edge_states: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor) -> None:
+    expected = edge_states_shape(q, v)
+    got = None if edge_states is None else tuple(edge_states.shape)
+    if expected is None and edge_states is None:
+        return
+    if (got != expected or edge_states.dtype != torch.float32 or edge_states.device != q.device
+            or not edge_states.is_contiguous()):
+        described = "None" if edge_states is None else f"{edge_states.dtype} {got} on {edge_states.device}"
+        wanted = "None" if expected is None else f"contiguous torch.float32 {expected} on {q.device}"
+        raise ValueError(f"chunk_bigla_bwd: edge_states is {described}, expected {wanted} (T = {q.shape[1]}): "
+                         "pass the second output of chunk_bigla_fwd on the same inputs")
 
 
 def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
-                    do: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk, dv, dg_fwd, dg_bwd) of chunk_bigla_fwd, each in its input's dtype."""
+                    do: torch.Tensor, scale: float, edge_states: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, dg_fwd, dg_bwd) of chunk_bigla_fwd, each in its input's dtype; edge_states is
+    chunk_bigla_fwd's second output on the same inputs."""
     q, k, v, g_fwd, g_bwd = (_head_strided(x) for x in (q, k, v, g_fwd, g_bwd))
+    _check_edge_states(edge_states, q, v)
     do = do.to(q.dtype).contiguous()
     B, T, H, K, V, NV, NS, strides, common = _kernel_args(q, k, v, g_fwd, g_bwd)
     dv = output_buffer((B, T, H, V), v.dtype, q.device)
@@ -981,7 +1036,8 @@ def chunk_bigla_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
     dv_fwd = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     steep_flags = torch.empty(B * H * NS * NV, dtype=torch.int32, device=q.device)
     if NS > 1:
-        hf, hb, dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, kinds=4)
+        hf, hb = edge_states.unbind(0)
+        dhf, dhb = _states(q, k, v, do, g_fwd, g_bwd, strides, T, NS, H, common, first_kind=2).unbind(0)
     else:
         hf = hb = dhf = dhb = dv_fwd  # not read
     grid = (NV, NS, B * H)
