@@ -680,7 +680,7 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
         r0 = c0 + c * BT
         q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
         gf_i, gb_i, do_i = gf_n.to(tl.float32), gb_n.to(tl.float32), do_n.to(tl.float32)
-        # The scratch rows are not loaded ahead: with them the kernel spilled 352 B instead of 92 (sm_90a, 4 warps).
+        # The scratch rows are not loaded ahead: with them the kernel spilled 352 B instead of 92 (NOTES.md v13).
         q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st,
                                                               k_st, v_st, gf_st, gb_st,
                                                               tl.minimum(r0 + BT, c0 + (n_chunks - 1) * BT), T, HV,
