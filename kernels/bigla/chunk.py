@@ -314,15 +314,6 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
     return q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32), gb_i
 
 
-@triton.jit
-def _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st, v_st, gf_st, gb_st, r0, T, HV,
-                        o_k, m_k, o_v, m_v, NROWS: tl.constexpr):
-    """The q, k, v, g_fwd, g_bwd and do tiles of the NROWS tokens from r0, in their own dtypes."""
-    q_i, k_i, v_i, gf_i = _step_tiles_raw(q, k, v, gf, bq, bk, bv, bgf, q_st, k_st, v_st, gf_st, r0, T,
-                                          o_k, m_k, o_v, m_v, NROWS)
-    return (q_i, k_i, v_i, gf_i, _load_raw(gb, bgb, r0, T, gb_st, o_k, m_k, NROWS),
-            _load_raw(do, bdo, r0, T, HV, o_v, m_v, NROWS))
-
 
 @triton.jit
 def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
@@ -572,17 +563,11 @@ def _bwd_right_to_left(q, k, v, gf, gb, do, dq_bwd, dk_fwd, dv_fwd, hb_states, d
         R = tl.zeros([BK, BV], tl.float32)
         dS = tl.zeros([BK, BV], tl.float32)
     steepest = tl.zeros([BK], tl.float32)
-    # Each step's tiles are loaded one step ahead, as in the forward; the last prefetch re-reads a valid tile.
-    q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st,
-                                                          v_st, gf_st, gb_st, c0 + (n_steps - 1) * NROWS, T, HV,
-                                                          o_k, m_k, o_v, m_v, NROWS)
     for j in range(0, n_steps):
         r0 = c0 + (n_steps - 1 - j) * NROWS
-        q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
-        gf_i, gb_i, do_i = gf_n.to(tl.float32), gb_n.to(tl.float32), do_n.to(tl.float32)
-        q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st,
-                                                              k_st, v_st, gf_st, gb_st, tl.maximum(r0 - NROWS, c0), T,
-                                                              HV, o_k, m_k, o_v, m_v, NROWS)
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, NROWS)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, NROWS)
         Fl = _running_sums(gf_i, True, False, PRECISION)
         tot_f = _row(Fl, tl.arange(0, NROWS), NROWS - 1)  # the sum Fl took, so tot_f - Fl sums the rows between
         tot_b = tl.sum(gb_i, 0)
@@ -674,17 +659,11 @@ def _bwd_chunks(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_fwd, dv_fw
     o_r = tl.arange(0, BT)
     lower = o_r[:, None] >= o_r[None, :]
     upper = o_r[:, None] <= o_r[None, :]
-    q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st, k_st,
-                                                          v_st, gf_st, gb_st, c0, T, HV, o_k, m_k, o_v, m_v, BT)
     for c in range(0, n_chunks):
         r0 = c0 + c * BT
-        q_i, k_i, v_i = q_n.to(tl.float32), k_n.to(tl.float32), v_n.to(tl.float32)
-        gf_i, gb_i, do_i = gf_n.to(tl.float32), gb_n.to(tl.float32), do_n.to(tl.float32)
-        # The scratch rows are not loaded ahead: with them the kernel spilled 352 B instead of 92 (NOTES.md v13).
-        q_n, k_n, v_n, gf_n, gb_n, do_n = _bwd_step_tiles_raw(q, k, v, gf, gb, do, bq, bk, bv, bgf, bgb, bdo, q_st,
-                                                              k_st, v_st, gf_st, gb_st,
-                                                              tl.minimum(r0 + BT, c0 + (n_chunks - 1) * BT), T, HV,
-                                                              o_k, m_k, o_v, m_v, BT)
+        q_i, k_i, v_i, gf_i, gb_i = _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st,
+                                               gb_st, r0, T, o_k, m_k, o_v, m_v, BT)
+        do_i = _load_rows(do, bdo, r0, T, HV, o_v, m_v, BT)
         Lf = _running_sums(gf_i, True, False, PRECISION)
         Lb = _running_sums(gb_i, True, True, PRECISION)
         # The totals as Lf and Lb took them, so a decay tot - L sums just the (equally rounded) rows between
@@ -789,9 +768,10 @@ def _decayed_outer(x, e, y, PRECISION: tl.constexpr):
     return _mm(tl.trans(x * tl.exp(e)), y, PRECISION)
 
 
-# Uncapped, the kernel takes 251-255 registers (two programs of 4 warps per multiprocessor), and like the chunk
-# kernels it is latency-bound; the caps trade spills (48-144 B at 168, 350-570 B at 128: sm_90a compiles) for
-# more programs in flight. Not yet timed on a GPU: the autotuner decides.
+# Uncapped, the kernel takes 254-255 registers (two programs of 4 warps per multiprocessor), and like the chunk
+# kernels it is latency-bound; a cap trades spills (48-144 B at 168, 208-248 B at 128 with 8 warps: sm_90a
+# compiles) for more programs in flight. On an H100 the autotuner picked 4 warps at 168 for bf16 inputs and no cap
+# for fp32 (NOTES.md v16).
 @triton.autotune(configs=_autotune_configs(stages=(2,), register_caps=(None, 168, 128)),
                  key=["T", "K", "V", "BK", "BV", "BT", "FIRST_KIND", "PRECISION", "PROGRAMS"], **AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["PROGRAMS"])
