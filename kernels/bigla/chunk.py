@@ -988,14 +988,16 @@ def chunk_bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: to
 
 def _check_edge_states(edge_states: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor) -> None:
     expected = edge_states_shape(q, v)
-    got = None if edge_states is None else tuple(edge_states.shape)
-    if expected is None and edge_states is None:
-        return
-    if (got != expected or edge_states.dtype != torch.float32 or edge_states.device != q.device
-            or not edge_states.is_contiguous()):
-        described = "None" if edge_states is None else f"{edge_states.dtype} {got} on {edge_states.device}"
+    if edge_states is None:
+        fits = expected is None
+    else:
+        fits = (tuple(edge_states.shape) == expected and edge_states.dtype == torch.float32
+                and edge_states.device == q.device and edge_states.is_contiguous())
+    if not fits:
+        got = ("None" if edge_states is None
+               else f"{edge_states.dtype} {tuple(edge_states.shape)} on {edge_states.device}")
         wanted = "None" if expected is None else f"contiguous torch.float32 {expected} on {q.device}"
-        raise ValueError(f"chunk_bigla_bwd: edge_states is {described}, expected {wanted} (T = {q.shape[1]}): "
+        raise ValueError(f"chunk_bigla_bwd: edge_states is {got}, expected {wanted} (T = {q.shape[1]}): "
                          "pass the second output of chunk_bigla_fwd on the same inputs")
 
 
