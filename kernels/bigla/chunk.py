@@ -314,7 +314,6 @@ def _sub_chunk(q, k, v, gf, gb, bq, bk, bv, bgf, bgb, q_st, k_st, v_st, gf_st, g
     return q_i.to(tl.float32), k_i.to(tl.float32), v_i.to(tl.float32), gf_i.to(tl.float32), gb_i
 
 
-
 @triton.jit
 def _fwd_sub_chunk_sweeps(q, k, v, gf, gb, o, o_bwd, hf_states, hb_states, offs, m_s, q_st, k_st, v_st, gf_st,
                           gb_st, bq, bk, bv, bgf, bgb, bo, scale, T, c0, n_sub, HV, o_k, m_k, o_v, m_v,
@@ -464,7 +463,6 @@ def _segment_program(q_sb, k_sb, v_sb, gf_sb, gb_sb, T, NS, H, split_stride, K: 
     flag = (i_bh * NS + i_s) * tl.num_programs(0) + i_v
     return (o_k, m_k, o_v, m_v, bq, bk, bv, bgf, bgb, row0 * V, row0 * K + i_v.to(tl.int64) * split_stride, offs,
             m_s, c0, tl.minimum(SEG, T - c0), flag)
-
 
 
 # The forward and the backward are each two kernels, the chunk path and the sweeps, so that each gets its own
@@ -639,8 +637,6 @@ def _bwd_sub_chunk_sweeps(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, dq_bwd, dk_
                                          run_b, scale, BC, PRECISION)
         S = S * tl.exp(tot_f)[:, None] + _mm(tl.trans(k_i * tl.exp(tot_f[None, :] - Fl)), v_i, PRECISION)
         dR = dR * tl.exp(tot_b)[:, None] + _mm(tl.trans(q_i * tl.exp(Bl)), do_i, PRECISION)
-
-
 
 
 @triton.jit
