@@ -170,10 +170,9 @@ def time_versions(versions: dict[str, ModuleType], inputs: list[torch.Tensor], d
         def fwd(module=module):
             return module.chunk_bigla_fwd(*inputs, scale)
 
-        o = fwd()
+        out = fwd()
         # Versions since v16 return (o, edge_states) and take the edge states back; older ones recompute them.
-        saved = o[1:] if isinstance(o, tuple) else ()
-        o = o[0] if isinstance(o, tuple) else o
+        o, *saved = out if isinstance(out, tuple) else (out,)
 
         def bwd(module=module, saved=saved):
             return module.chunk_bigla_bwd(*inputs, do, scale, *saved)

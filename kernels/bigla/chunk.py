@@ -847,14 +847,13 @@ def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    i_dbh = i_d * tl.num_programs(1) + i_bh
-    decay_row = i_d * tl.num_programs(1) + i_bh  # the kind's gate: its number mod 2
+    i_dbh = i_d * tl.num_programs(1) + i_bh  # also the row of log_decay: the kind's gate is its number mod 2
     left_to_right = (i_d + FIRST_KIND == 0) | (i_d + FIRST_KIND == 3)
     n = tl.where(left_to_right, 0, NS - 1)
     step = tl.where(left_to_right, 1, -1)
     offs, m_s = _state_offsets(i_dbh, n, NS, o_k, m_k, o_v, m_v, K, V)
     loc = tl.load(local + offs, mask=m_s, other=0.0)
-    dec = tl.load(log_decay + (decay_row.to(tl.int64) * NS + n) * K + o_k, mask=m_k, other=0.0)
+    dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n) * K + o_k, mask=m_k, other=0.0)
     h = tl.zeros([BK, BV], tl.float32)
     for _ in range(0, NS):
         tl.store(states + offs, h, mask=m_s)
@@ -862,7 +861,7 @@ def bigla_combine_states_kernel(local, log_decay, states, NS, K: tl.constexpr, V
         n_next = tl.minimum(tl.maximum(n + step, 0), NS - 1)  # the last prefetch re-reads a valid segment
         next_offs, m_s = _state_offsets(i_dbh, n_next, NS, o_k, m_k, o_v, m_v, K, V)
         loc = tl.load(local + next_offs, mask=m_s, other=0.0)
-        dec = tl.load(log_decay + (decay_row.to(tl.int64) * NS + n_next) * K + o_k, mask=m_k, other=0.0)
+        dec = tl.load(log_decay + (i_dbh.to(tl.int64) * NS + n_next) * K + o_k, mask=m_k, other=0.0)
         offs = next_offs
         n = n_next
 
