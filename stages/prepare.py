@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlflow
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.data.layout import LAYOUT_FILE, prepare
 from vig.params import load_params, project_root
 from vig.tracking import stage_run

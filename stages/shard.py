@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlflow
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.data.layout import LAYOUT_FILE, read_layout
 from vig.data.sharding import MANIFEST, ShardSettings, shard_all
 from vig.params import load_params, project_root

@@ -1,6 +1,8 @@
 import csv
 import json
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -281,3 +283,13 @@ def test_compiled_variants_are_labelled_and_compared_with_compiled_and_eager_bas
         assert benchmark.runs_cuda_graphs(compiled_spec, on_gpu) is graphs
         assert not benchmark.runs_cuda_graphs(eager_spec, on_gpu)
     assert not benchmark.runs_cuda_graphs(compiled_spec, replace(config, compile_mode="reduce-overhead"))  # CPU
+
+
+def test_cli_imports_without_the_pipeline_stack():
+    """`vig-bench` is documented to need only torch and timm: it must load on a GPU box without the data,
+    tracking or scheduling packages (a GPU run on 2026-12-07 failed on `import pycocotools` through vig.data)."""
+    pipeline_only = ("pycocotools", "webdataset", "mlflow", "ray", "dvc", "submitit")
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in pipeline_only)
+    result = subprocess.run([sys.executable, "-c", f"import sys; {blocked}; import vig.benchmark"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr

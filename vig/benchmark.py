@@ -36,7 +36,7 @@ import timm.layers
 import torch
 import torch.nn as nn
 
-from vig.data.atomic import atomic_path, write_bytes, write_json
+from vig.atomic import atomic_path, write_bytes, write_json
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION_MODES = ("fused", "plain")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vig.benchmark import COMPILED_SUFFIX, OUT_OF_MEMORY, plot_benchmark
-from vig.data.atomic import atomic_path, write_bytes
+from vig.atomic import atomic_path, write_bytes
 from vig.params import flatten
 
 # The pipeline's stages in DESIGN.md order, each with the metrics file it writes.

@@ -26,7 +26,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
-from vig.data.atomic import atomic_path
+from vig.atomic import atomic_path
 
 CLASS_NAMES = tuple(f"digit_{digit}" for digit in range(10))
 SKLEARN_DIGITS = 1797

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vig.data import digitscenes
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 
 EMBEDDED = "embedded"
 DATASETS = ("imagenet", "coco", "ade20k")

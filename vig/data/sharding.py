@@ -38,7 +38,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from vig.data.atomic import atomic_path, write_json
+from vig.atomic import atomic_path, write_json
 from vig.data.layout import IMAGE_SUFFIXES
 
 TASKS = ("classification", "detection", "segmentation")

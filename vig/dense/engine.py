@@ -26,7 +26,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.dense.backbones import no_weight_decay_names
 from vig.dense.config import DenseOptimConfig, InitConfig, TrunkConfig
 from vig.engine import state

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.transforms import v2
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.data.layout import read_layout
 from vig.dense.config import DenseDataConfig, EvaluateDetConfig, EvaluateSegConfig
 from vig.dense.data import DenseShards, ReduceZeroLabel

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
-from vig.data.atomic import write_bytes
+from vig.atomic import write_bytes
 from vig.dense.segmentation import IGNORE_INDEX
 
 _PALETTE_SEED = 0

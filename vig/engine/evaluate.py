@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.engine import state
 from vig.engine.config import CheckpointSource, EvaluateConfig, from_dict, to_dict
 from vig.engine.data import ClassificationShards

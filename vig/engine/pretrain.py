@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vig.data.atomic import write_json
+from vig.atomic import write_json
 from vig.data.transforms import batch_mixer, train_criterion
 from vig.engine import state
 from vig.engine.config import PretrainConfig, from_dict, to_dict

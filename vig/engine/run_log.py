@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vig.data.atomic import atomic_path
+from vig.atomic import atomic_path
 from vig.tracking import tracking_uri
 
 _MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch request

@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from vig.data.atomic import atomic_path, write_json
+from vig.atomic import atomic_path, write_json
 from vig.engine.config import RESUME_NEUTRAL_KEYS, PretrainConfig, to_dict
 from vig.params import flatten
 
