@@ -20,7 +20,6 @@ import contextlib
 import csv
 import gc
 import importlib.metadata
-import json
 import os
 import platform
 import re

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vig.benchmark import COMPILED_SUFFIX, OUT_OF_MEMORY, plot_benchmark
 from vig.atomic import atomic_path, write_bytes
+from vig.benchmark import COMPILED_SUFFIX, OUT_OF_MEMORY, plot_benchmark
 from vig.params import flatten
 
 # The pipeline's stages in DESIGN.md order, each with the metrics file it writes.

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vig.data import digitscenes
 from vig.atomic import write_json
+from vig.data import digitscenes
 
 EMBEDDED = "embedded"
 DATASETS = ("imagenet", "coco", "ade20k")
